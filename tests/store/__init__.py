@@ -1,0 +1,1 @@
+"""Tests of kongtx.store: the IStore contract and each backend."""
