@@ -1,0 +1,584 @@
+"""The proxy site: routes each request through the current snapshot and relays it upstream.
+
+:class:`GatewayResource` derives from Twisted's ``ReverseProxyResource`` but is a leaf:
+one resource receives every request, asks the pure router for a match and sends the
+request to the matched service through :class:`kongtx.proxy.client.UpstreamPool`
+(pooled HTTP/1.1 keep-alive connections). :class:`ProxyRequest` trims twisted.web's
+per-request work that a proxy does not need (query-string and form parsing, resource
+traversal) and enforces the body size limit while the body is being received.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from typing import Any, Callable, List, Optional, Tuple
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import failure
+from twisted.web import http, server
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.resource import Resource
+
+from kongtx import KONG_VERSION, uri
+from kongtx.proxy import client as upstream
+from kongtx.proxy import responses
+from kongtx.snapshot import ServiceSpec, SnapshotManager
+
+log = Logger()
+
+#: Hop-by-hop headers never forwarded in either direction (RFC 9110 7.6.1, plus the
+#: legacy ones Kong strips: Proxy-Connection, and ``Proxy`` for httpoxy).
+HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy",
+    ]
+)
+#: Request headers kongtx computes itself for the upstream request.
+_REPLACED_UPSTREAM = frozenset(
+    [
+        b"host",
+        b"content-length",
+        b"x-real-ip",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-path",
+        b"x-forwarded-prefix",
+        b"x-kong-request-id",
+    ]
+)
+_FORWARDED_TRUSTED = (
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-port",
+    b"x-forwarded-path",
+    b"x-forwarded-prefix",
+)
+_DROPPED_RESPONSE = HOP_BY_HOP | frozenset([b"content-length"])
+
+_SERVER_TOKEN = ("kong/%s" % (KONG_VERSION,)).encode("ascii")
+_VIA_TOKEN = ("1.1 kong/%s" % (KONG_VERSION,)).encode("ascii")
+
+
+class ProxySettings:
+    """What the proxy resource needs of the configuration, precomputed once."""
+
+    def __init__(self, config: Any) -> None:
+        enabled = {h.lower() for h in config.headers}
+        self.server_header = "server" in enabled
+        self.via_header = "via" in enabled
+        self.proxy_latency = "x-kong-proxy-latency" in enabled
+        self.upstream_latency = "x-kong-upstream-latency" in enabled
+        self.response_latency = "x-kong-response-latency" in enabled
+        self.request_id = "x-kong-request-id" in enabled
+        self.upstream_status = "x-kong-upstream-status" in enabled
+        self.request_id_upstream = "x-kong-request-id" in {
+            h.lower() for h in config.headers_upstream
+        }
+        self.trusted_ips = tuple(config.trusted_ips)
+        self.trust_all = any(net.prefixlen == 0 for net in self.trusted_ips)
+        self.trusts_unix = bool(getattr(config, "trusts_unix", False))
+        self.real_ip_header = config.real_ip_header.lower().encode("ascii")
+        self.real_ip_recursive = bool(config.real_ip_recursive)
+        self.error_default_type = responses.default_type(config.error_default_type)
+        self.allow_debug_header = bool(config.allow_debug_header)
+
+
+def _ms(seconds: float) -> bytes:
+    return b"%d" % (int(seconds * 1000),)
+
+
+class ProxyRequest(server.Request):
+    """A ``twisted.web`` request trimmed for proxying.
+
+    The site's ``max_body_size`` is enforced as the body arrives (twisted.web has no
+    cap of its own): an oversized body is discarded, not stored, and answered 413.
+    """
+
+    body_too_large = False
+    _received = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        limit = self.channel.site.max_body_size
+        if limit and length is not None and length > limit:
+            self.body_too_large = True
+        server.Request.gotLength(self, length if not self.body_too_large else 0)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        limit = self.channel.site.max_body_size
+        if limit:
+            self._received += len(data)
+            if self._received > limit:
+                self.body_too_large = True
+                self.content.seek(0)
+                self.content.truncate()
+                return
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # Unlike http.Request, parse neither the query string nor form bodies: the
+        # proxy forwards them verbatim.
+        self.content.seek(0, 0)
+        self.args = {}
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path = path.split(b"?", 1)[0]
+        self.process()
+
+    def process(self) -> None:
+        site = self.site = self.channel.site
+        self.prepath = []
+        self.postpath = []
+        try:
+            site.resource.render(self)
+        except Exception:
+            self.processingFailed(failure.Failure())
+
+    def processingFailed(self, reason: failure.Failure) -> None:
+        log.failure("unexpected error while proxying {uri!r}", reason, uri=self.uri)
+        resource = self.site.resource
+        if isinstance(resource, GatewayResource) and not self.startedWriting:
+            resource.respond_error(self, 500, None)
+        elif not self.finished and not self._disconnected:
+            self.loseConnection()
+
+
+class ProxySite(server.Site):
+    """The proxy's ``Site``: quiet by default, bounded header and body sizes."""
+
+    requestFactory = ProxyRequest
+    displayTracebacks = False
+
+    def __init__(self, resource: "GatewayResource", *, max_body_size: int,
+                 max_headers: int, max_header_size: int, **kwargs: Any) -> None:
+        server.Site.__init__(self, resource, **kwargs)
+        self.max_body_size = max_body_size
+        self.max_headers = max_headers
+        self.max_header_size = max_header_size
+
+    connections_accepted = 0
+    connections_active = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = server.Site.buildProtocol(self, addr)
+        channel.maxHeaders = self.max_headers
+        channel.totalHeadersSize = self.max_header_size
+        self.connections_accepted += 1
+        self.connections_active += 1
+        lost = channel.connectionLost
+
+        def connectionLost(reason: Any) -> None:
+            self.connections_active -= 1
+            lost(reason)
+
+        channel.connectionLost = connectionLost
+        return channel
+
+
+class _Exchange:
+    """One proxied request: relays the upstream response into the twisted.web request
+    (implements ``IResponseSink``)."""
+
+    __slots__ = (
+        "resource",
+        "request",
+        "service",
+        "started",
+        "sent_at",
+        "tries",
+        "deferred",
+        "args",
+        "began",
+        "request_id",
+    )
+
+    def __init__(self, resource: "GatewayResource", request: ProxyRequest,
+                 service: ServiceSpec, started: float, request_id: str,
+                 args: dict) -> None:
+        self.resource = resource
+        self.request = request
+        self.service = service
+        self.started = started
+        self.request_id = request_id
+        self.args = args
+        self.sent_at = 0.0
+        self.tries = 0
+        self.began = False
+        self.deferred: Optional[defer.Deferred] = None
+
+    def send(self) -> None:
+        self.tries += 1
+        self.sent_at = time.monotonic()
+        d = self.deferred = self.resource.pool.request(sink=self, **self.args)
+        d.addCallbacks(self._done, self._failed)
+
+    # IResponseSink
+    def response_started(self, status: int, reason: bytes,
+                         headers: List[Tuple[bytes, bytes]], producer: Any) -> None:
+        self.began = True
+        request = self.request
+        if request._disconnected:
+            return
+        now = time.monotonic()
+        settings = self.resource.settings
+        request.setResponseCode(status, reason or None)
+        set_header = request.responseHeaders.addRawHeader
+        responseHeaders = request.responseHeaders
+        responseHeaders.removeHeader(b"server")
+        has_server = False
+        has_date = False
+        connection_tokens = ()
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"connection":
+                connection_tokens = tuple(t.strip().lower() for t in value.split(b","))
+                continue
+            if lower in HOP_BY_HOP:
+                continue
+            if lower == b"content-length":
+                if request.method != b"HEAD":
+                    set_header(name, value)
+                continue
+            if lower == b"server":
+                has_server = True
+            elif lower == b"date":
+                has_date = True
+            set_header(name, value)
+        for token in connection_tokens:
+            responseHeaders.removeHeader(token)
+        if not has_server and settings.server_header:
+            set_header(b"Server", _SERVER_TOKEN)
+        if not has_date:
+            set_header(b"Date", http.datetimeToString())
+        if settings.via_header:
+            set_header(b"Via", _VIA_TOKEN)
+        if settings.upstream_latency:
+            set_header(b"X-Kong-Upstream-Latency", _ms(now - self.sent_at))
+        if settings.proxy_latency:
+            set_header(b"X-Kong-Proxy-Latency", _ms(self.sent_at - self.started))
+        if settings.upstream_status:
+            set_header(b"X-Kong-Upstream-Status", b"%d" % (status,))
+        if settings.request_id:
+            set_header(b"X-Kong-Request-Id", self.request_id.encode("ascii"))
+        request.registerProducer(producer, True)
+
+    def response_data(self, data: bytes) -> None:
+        if not self.request._disconnected:
+            self.request.write(data)
+
+    def response_finished(self) -> None:
+        request = self.request
+        if request._disconnected:
+            return
+        if request.producer is not None:
+            request.unregisterProducer()
+        request.finish()
+
+    # Outcome of one try
+    def _done(self, _: Any) -> None:
+        self.deferred = None
+
+    def _failed(self, reason: failure.Failure) -> None:
+        self.deferred = None
+        if reason.check(defer.CancelledError):
+            return
+        request = self.request
+        error = reason.value
+        if self.began or getattr(error, "response_started", False):
+            # Part of the response is already on its way: all we can do is cut it.
+            log.warn(
+                "upstream response interrupted ({error}) while proxying {uri!r}",
+                error=error, uri=request.uri,
+            )
+            if not request._disconnected:
+                request.loseConnection()
+            return
+        if isinstance(error, upstream.UpstreamConnectError):
+            if self.tries <= self.service.retries and not request._disconnected:
+                self.send()
+                return
+            status = 502
+        elif isinstance(error, upstream.UpstreamTimeout):
+            status = 504
+        elif isinstance(error, (upstream.UpstreamProtocolError, upstream.UpstreamClosed)):
+            status = 502
+        else:
+            log.failure("unexpected upstream failure", reason)
+            status = 502
+        log.warn(
+            "{status} for {uri!r}: upstream {host}:{port}: {error}",
+            status=status, uri=request.uri, host=self.service.host,
+            port=self.service.port, error=error,
+        )
+        self.resource.respond_error(request, status, None, request_id=self.request_id,
+                                    started=self.started, upstream_error=True)
+
+    def cancel(self, _: Any = None) -> None:
+        d = self.deferred
+        if d is not None:
+            self.deferred = None
+            d.cancel()
+
+
+class GatewayResource(ReverseProxyResource):
+    """The proxy's one resource: route, then relay upstream.
+
+    :param snapshots: gives ``current`` (the snapshot to route with).
+    :param pool: an :class:`~kongtx.proxy.client.UpstreamPool`.
+    :param settings: :class:`ProxySettings`.
+    """
+
+    isLeaf = True
+
+    def __init__(self, snapshots: SnapshotManager, pool: Any, settings: ProxySettings,
+                 reactor: Any, *, request_id_factory: Callable[[], str] = None) -> None:
+        ReverseProxyResource.__init__(self, "", 0, b"", reactor)
+        self.snapshots = snapshots
+        self.pool = pool
+        self.settings = settings
+        self._request_id = request_id_factory or (lambda: os.urandom(16).hex())
+        self.requests_total = 0
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        return self
+
+    def render(self, request: ProxyRequest) -> Any:
+        self.requests_total += 1
+        started = time.monotonic()
+        request_id = self._request_id()
+        if request.body_too_large:
+            request.setHeader(b"connection", b"close")
+            return self.respond_error(request, 413, None, request_id=request_id,
+                                      started=started, upstream_error=True)
+        raw_path = request.path
+        try:
+            path = uri.normalize(uri.from_wire(raw_path))
+        except ValueError:
+            return self.respond_error(request, 400, None, request_id=request_id,
+                                      started=started, upstream_error=True)
+        headers = request.requestHeaders
+        hosts = headers.getRawHeaders(b"host")
+        if hosts is not None and len(hosts) > 1:
+            return self.respond_error(request, 400, None, request_id=request_id,
+                                      started=started, upstream_error=True)
+        host = hosts[0].decode("latin-1") if hosts else None
+        scheme = "https" if request.isSecure() else "http"
+        method = request.method.decode("latin-1")
+        snapshot = self.snapshots.current
+        router = snapshot.router
+        header_map = None
+        if router.uses_headers:
+            header_map = {
+                name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
+                for name, values in headers.getAllRawHeaders()
+            }
+        match = router.select(method, host, path, scheme, header_map)
+        if match is None:
+            return self.respond_error(request, 404, responses.NO_ROUTE,
+                                      request_id=request_id, started=started)
+        route = match.route
+        if match.https_redirect:
+            return self._redirect_https(request, route, host, request_id, started)
+        service = snapshot.services.get(route.service_id) if route.service_id else None
+        if service is None:
+            return self.respond_error(request, 503, responses.NO_SERVICE,
+                                      request_id=request_id, started=started)
+
+        upstream_path = match.upstream_path(service.path, path)
+        target = uri.escape_path(upstream_path).encode("ascii")
+        query_at = request.uri.find(b"?")
+        if query_at >= 0:
+            target += request.uri[query_at:]
+
+        out = self._upstream_headers(request, route, service, match, raw_path,
+                                     host, scheme, request_id)
+        content = request.content
+        content.seek(0, 2)
+        length = content.tell()
+        content.seek(0, 0)
+        if length or request.method in (b"POST", b"PUT", b"PATCH"):
+            out.append((b"Content-Length", b"%d" % (length,)))
+        if self.settings.allow_debug_header and headers.getRawHeaders(b"kong-debug"):
+            self._debug_headers(request, route, service)
+        exchange = _Exchange(
+            self, request, service, started, request_id,
+            dict(
+                scheme=service.protocol,
+                host=service.host,
+                port=service.port,
+                method=request.method,
+                target=target,
+                headers=out,
+                body=content if length else None,
+                body_length=length,
+                connect_timeout=service.connect_timeout,
+                write_timeout=service.write_timeout,
+                read_timeout=service.read_timeout,
+                tls_verify=service.tls_verify,
+                sni=None,
+            ),
+        )
+        request.notifyFinish().addErrback(exchange.cancel)
+        exchange.send()
+        return server.NOT_DONE_YET
+
+    def _upstream_headers(self, request: ProxyRequest, route: Any, service: ServiceSpec,
+                          match: Any, raw_path: bytes, host: Optional[str], scheme: str,
+                          request_id: str) -> List[Tuple[bytes, bytes]]:
+        settings = self.settings
+        peer = request.getClientAddress()
+        remote = getattr(peer, "host", None)
+        trusted = self._is_trusted(remote)
+        out: List[Tuple[bytes, bytes]] = []
+        append = out.append
+        incoming = {}
+        connection_tokens = ()
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            lower = name.lower()
+            if lower == b"connection":
+                connection_tokens = tuple(
+                    t.strip().lower() for v in values for t in v.split(b","))
+                continue
+            if lower in HOP_BY_HOP:
+                if lower == b"te" and any(b"trailers" in v.lower() for v in values):
+                    append((b"TE", b"trailers"))
+                continue
+            if lower in _REPLACED_UPSTREAM:
+                incoming[lower] = values
+                continue
+            for value in values:
+                append((name, value))
+        if connection_tokens:
+            drop = set(connection_tokens)
+            out[:] = [(n, v) for (n, v) in out if n.lower() not in drop]
+
+        client_ip = remote or "unix"
+        if trusted and settings.real_ip_header in incoming:
+            # real_ip_header is honoured only from trusted clients (nginx realip).
+            values = b",".join(incoming[settings.real_ip_header]).split(b",")
+            candidate = values[-1].strip().decode("latin-1")
+            if candidate:
+                client_ip = candidate
+        elif trusted and settings.real_ip_header not in _REPLACED_UPSTREAM:
+            real = request.requestHeaders.getRawHeaders(settings.real_ip_header)
+            if real:
+                client_ip = real[-1].split(b",")[-1].strip().decode("latin-1") or client_ip
+
+        if route.preserve_host and host is not None:
+            append((b"Host", host.encode("latin-1")))
+        else:
+            append((b"Host", service.host_header))
+        xff = incoming.get(b"x-forwarded-for")
+        remote_b = (remote or "unix").encode("latin-1")
+        append((b"X-Forwarded-For", b", ".join(xff + [remote_b]) if xff else remote_b))
+        if trusted:
+            forwarded = {k: incoming[k][0] for k in _FORWARDED_TRUSTED if k in incoming}
+        else:
+            forwarded = {}
+        local = request.getHost()
+        host_only = host.rsplit(":", 1)[0] if host and not host.endswith("]") else host
+        append((b"X-Forwarded-Proto", forwarded.get(b"x-forwarded-proto", scheme.encode())))
+        append((b"X-Forwarded-Host", forwarded.get(
+            b"x-forwarded-host", (host_only or "").encode("latin-1"))))
+        append((b"X-Forwarded-Port", forwarded.get(
+            b"x-forwarded-port", b"%d" % (getattr(local, "port", 0),))))
+        append((b"X-Forwarded-Path", forwarded.get(b"x-forwarded-path", raw_path)))
+        prefix = forwarded.get(b"x-forwarded-prefix")
+        if prefix is None:
+            stripped = match.stripped_prefix
+            if stripped:
+                prefix = stripped.encode("utf-8")
+        if prefix is not None:
+            append((b"X-Forwarded-Prefix", prefix))
+        append((b"X-Real-IP", client_ip.encode("latin-1")))
+        if settings.via_header:
+            via = request.requestHeaders.getRawHeaders(b"via")
+            append((b"Via", b", ".join(via + [_VIA_TOKEN]) if via else _VIA_TOKEN))
+        if settings.request_id_upstream:
+            append((b"X-Kong-Request-Id", request_id.encode("ascii")))
+        return out
+
+    def _is_trusted(self, remote: Optional[str]) -> bool:
+        settings = self.settings
+        if remote is None:
+            return settings.trusts_unix
+        if settings.trust_all:
+            return True
+        if not settings.trusted_ips:
+            return False
+        try:
+            address = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        return any(address in net for net in settings.trusted_ips)
+
+    def _debug_headers(self, request: Any, route: Any, service: ServiceSpec) -> None:
+        request.setHeader(b"Kong-Route-Id", route.id.encode())
+        if route.name:
+            request.setHeader(b"Kong-Route-Name", route.name.encode("utf-8"))
+        request.setHeader(b"Kong-Service-Id", service.id.encode())
+        if service.name:
+            request.setHeader(b"Kong-Service-Name", service.name.encode("utf-8"))
+
+    def _redirect_https(self, request: Any, route: Any, host: Optional[str],
+                        request_id: str, started: float) -> Any:
+        status = route.https_redirect_status_code
+        if status == 426:
+            request.setHeader(b"Connection", b"Upgrade")
+            request.setHeader(b"Upgrade", b"TLS/1.2, HTTP/1.1")
+            return self.respond_error(request, 426, responses.USE_HTTPS,
+                                      request_id=request_id, started=started)
+        location = b"https://" + (host or "").encode("latin-1") + request.uri
+        request.setHeader(b"Location", location)
+        return self.respond_error(request, status, "Moved", request_id=request_id,
+                                  started=started)
+
+    def respond_error(self, request: Any, status: int, message: Optional[str], *,
+                      request_id: Optional[str] = None, started: Optional[float] = None,
+                      upstream_error: bool = False) -> Any:
+        """Finish ``request`` with a Kong-produced error response."""
+        if request.finished or request._disconnected:
+            return server.NOT_DONE_YET
+        settings = self.settings
+        request_id = request_id or self._request_id()
+        accept = request.requestHeaders.getRawHeaders(b"accept")
+        accept_value = accept[0] if accept else None
+        default = responses._JSON
+        if upstream_error:
+            # nginx-level errors: Accept, else the request's Content-Type, else
+            # error_default_type (Kong's error handler).
+            if accept_value is None:
+                ctype = request.requestHeaders.getRawHeaders(b"content-type")
+                accept_value = ctype[0] if ctype else None
+            default = settings.error_default_type
+        content_type, body = responses.render_error(status, message, request_id,
+                                                    accept_value, default)
+        request.setResponseCode(status)
+        headers = request.responseHeaders
+        headers.removeHeader(b"server")
+        if settings.server_header:
+            headers.setRawHeaders(b"Server", [_SERVER_TOKEN])
+        headers.setRawHeaders(b"Date", [http.datetimeToString()])
+        headers.setRawHeaders(b"Content-Type", [content_type])
+        headers.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
+        if settings.request_id:
+            headers.setRawHeaders(b"X-Kong-Request-Id", [request_id.encode("ascii")])
+        if settings.response_latency and started is not None:
+            headers.setRawHeaders(b"X-Kong-Response-Latency",
+                                  [_ms(time.monotonic() - started)])
+        request.write(body)
+        request.finish()
+        return server.NOT_DONE_YET
