@@ -226,6 +226,12 @@ class KongtxService(service.MultiService):
         self.admin_site = make_site(
             admin, logPath=_access_log_path(config, config.admin_access_log)
         )
+        for site, value in ((self.proxy_site, config.proxy_access_log),
+                            (self.admin_site, config.admin_access_log)):
+            if _access_log_path(config, value) is None:
+                # twisted.web would otherwise send every access line to the
+                # global log: "off" means no line is formatted at all.
+                site.log = _no_access_log
         stats.sites = [self.proxy_site]
 
     def _listen_all(self) -> None:
@@ -334,6 +340,10 @@ class KongtxService(service.MultiService):
     def addresses(self, site: Any) -> List[Any]:
         """The bound addresses serving ``site`` (for tests that listen on port 0)."""
         return [p.getHost() for p in self.ports if p.factory is site]
+
+
+def _no_access_log(request: Any) -> None:
+    """Access logging switched off."""
 
 
 def _access_log_path(config: Config, value: str) -> Optional[str]:

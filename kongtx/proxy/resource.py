@@ -67,6 +67,10 @@ _FORWARDED_TRUSTED = (
 )
 _DROPPED_RESPONSE = HOP_BY_HOP | frozenset([b"content-length"])
 
+#: A Content-Length of at most this many digits (< 100 kB) is sent without
+#: registering the upstream connection as the client's producer.
+_SMALL_BODY_DIGITS = 5
+
 _SERVER_TOKEN = ("kong/%s" % (KONG_VERSION,)).encode("ascii")
 _VIA_TOKEN = ("1.1 kong/%s" % (KONG_VERSION,)).encode("ascii")
 
@@ -108,6 +112,15 @@ class ProxyRequest(server.Request):
 
     body_too_large = False
     _received = 0
+    #: The upstream exchange serving this request (cancelled if the client leaves).
+    exchange: Optional["_Exchange"] = None
+
+    def connectionLost(self, reason: failure.Failure) -> None:
+        server.Request.connectionLost(self, reason)
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.cancel()
 
     def gotLength(self, length: Optional[int]) -> None:
         limit = self.channel.site.max_body_size
@@ -240,6 +253,7 @@ class _Exchange:
         responseHeaders.removeHeader(b"server")
         has_server = False
         has_date = False
+        small = request.method == b"HEAD" or status in (204, 304)
         connection_tokens = ()
         for name, value in headers:
             lower = name.lower()
@@ -251,6 +265,8 @@ class _Exchange:
             if lower == b"content-length":
                 if request.method != b"HEAD":
                     set_header(name, value)
+                    if len(value) <= _SMALL_BODY_DIGITS:
+                        small = True
                 continue
             if lower == b"server":
                 has_server = True
@@ -273,7 +289,10 @@ class _Exchange:
             set_header(b"X-Kong-Upstream-Status", b"%d" % (status,))
         if settings.request_id:
             set_header(b"X-Kong-Request-Id", self.request_id.encode("ascii"))
-        request.registerProducer(producer, True)
+        if not small:
+            # Flow control (pause the upstream while the client is slow) only
+            # matters for bodies that do not fit in one socket buffer.
+            request.registerProducer(producer, True)
 
     def response_data(self, data: bytes) -> None:
         if not self.request._disconnected:
@@ -281,6 +300,7 @@ class _Exchange:
 
     def response_finished(self) -> None:
         request = self.request
+        request.exchange = None
         if request._disconnected:
             return
         if request.producer is not None:
@@ -431,7 +451,7 @@ class GatewayResource(ReverseProxyResource):
                 sni=None,
             ),
         )
-        request.notifyFinish().addErrback(exchange.cancel)
+        request.exchange = exchange
         exchange.send()
         return server.NOT_DONE_YET
 
