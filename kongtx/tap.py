@@ -270,6 +270,10 @@ class KongtxService(service.MultiService):
         for flag in spec.ignored_flags:
             log.info("{prop}: flag '{flag}' on {host}:{port} is accepted and ignored",
                      prop=prop, flag=flag, host=spec.host, port=spec.port)
+        if spec.reuseport:
+            log.info("{prop}: reuseport on {host}:{port} is accepted and ignored "
+                     "(one process serves each listener)",
+                     prop=prop, host=spec.host, port=spec.port)
         if spec.http2:
             log.info("{prop}: http2 on {host}:{port} is not served yet; HTTP/1.1 only",
                      prop=prop, host=spec.host, port=spec.port)

@@ -38,7 +38,8 @@ thread pool); IPv4/IPv6 literals connect directly.
 
 from __future__ import annotations
 
-from typing import IO, Callable, Dict, List, Optional, Tuple
+from collections import deque
+from typing import IO, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from OpenSSL import SSL
 from twisted.internet import error as ierror
@@ -71,12 +72,14 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamClosed",
     "BODY_CHUNK_SIZE",
+    "BodyStream",
     "default_tls_creator",
 ]
 
 BODY_CHUNK_SIZE = 64 * 1024
 
 ERR_BODY_SHORT = "request body ended before body_length bytes"
+ERR_STREAM_REWIND = "a streamed request body cannot be sent twice"
 ERR_BAD_REQUEST_HEAD = "CR or LF in request method, target or headers"
 ERR_CONSUMER_STOPPED = "response consumer stopped"
 ERR_CLOSED = "upstream closed the connection before the response was complete"
@@ -183,7 +186,7 @@ class _Exchange:
         key: PoolKey,
         head: bytes,
         is_head: bool,
-        body: Optional[IO[bytes]],
+        body: Optional[Union[IO[bytes], "BodyStream"]],
         body_length: int,
         sink: IResponseSink,
         connect_timeout: float,
@@ -238,6 +241,84 @@ class _Exchange:
         self.done = True
         if not self.deferred.called:
             self.deferred.errback(err)
+
+
+class BodyStream:
+    """A request body still arriving from the client, sent upstream as it comes.
+
+    The proxy feeds it (``feed``/``finish``) while twisted.web receives the body; the
+    upstream connection reads it. ``length`` is the declared Content-Length, or None
+    for a body of unknown length (sent upstream with chunked transfer coding). When
+    more than ``high_water`` bytes wait for the upstream, ``on_full()`` is called (the
+    proxy stops reading from its client) and ``on_drained()`` once they fell under
+    half of it.
+    """
+
+    def __init__(self, length: Optional[int], *, high_water: int = 1 << 20,
+                 on_full: Optional[Callable[[], None]] = None,
+                 on_drained: Optional[Callable[[], None]] = None) -> None:
+        self.length = length
+        self.finished = False
+        self.consumed = False
+        self._chunks: Deque[bytes] = deque()
+        self._buffered = 0
+        self._high_water = high_water
+        self._on_full = on_full
+        self._on_drained = on_drained
+        self._full = False
+        self._waiter: Optional[Callable[[], None]] = None
+
+    def feed(self, data: bytes) -> None:
+        """More body bytes arrived from the client."""
+        if not data or self.finished:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if not self._full and self._buffered > self._high_water:
+            self._full = True
+            if self._on_full is not None:
+                self._on_full()
+        self._wake()
+
+    def finish(self) -> None:
+        """The whole body has arrived."""
+        self.finished = True
+        self._wake()
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` buffered bytes (``b""`` when none are buffered yet)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        self.consumed = True
+        data = chunks.popleft()
+        if len(data) > size:
+            chunks.appendleft(data[size:])
+            data = data[:size]
+        self._buffered -= len(data)
+        if self._full and self._buffered <= self._high_water // 2:
+            self._full = False
+            if self._on_drained is not None:
+                self._on_drained()
+        return data
+
+    def wait(self, callback: Optional[Callable[[], None]]) -> None:
+        """Call ``callback()`` once when more data (or the end) arrives."""
+        self._waiter = callback
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter()
+
+    # Enough of the file protocol for the pool's retry bookkeeping.
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, position: int) -> None:
+        if self.consumed:
+            raise IOError(ERR_STREAM_REWIND)
 
 
 # -------------------------------------------------------------- connection
@@ -373,14 +454,22 @@ class _Connection(Protocol):
         self._parser.start(ex.is_head)
         transport = self.transport
         transport.write(ex.head)  # type: ignore[union-attr]
-        if ex.body is not None and ex.body_length > 0:
-            self._body_left = ex.body_length
+        body = ex.body
+        streamed = isinstance(body, BodyStream)
+        if streamed or (body is not None and ex.body_length > 0):
+            if streamed:
+                self._body_left = body.length if body.length is not None else -1
+            else:
+                self._body_left = ex.body_length
             self._writing = True
             self._write_paused = False
             self._arm(_WRITE, ex.write_timeout)
             transport.registerProducer(self, True)  # type: ignore[union-attr]
             if self.exchange is ex and self._writing:
-                self._write_body()
+                if streamed:
+                    self._write_stream()
+                else:
+                    self._write_body()
         else:
             self._arm(_READ, ex.read_timeout)
 
@@ -417,6 +506,52 @@ class _Connection(Protocol):
             # Paused by the transport: the write timeout runs from the last write.
             self._deadline = self._clock.seconds() + ex.write_timeout
 
+    def _write_stream(self) -> None:
+        """Send what the client has sent so far; wait for more, or end the body."""
+        ex = self.exchange
+        if ex is None or not self._writing:
+            return
+        stream = ex.body
+        assert isinstance(stream, BodyStream)
+        chunked = stream.length is None
+        write = self.transport.write  # type: ignore[union-attr]
+        while not self._write_paused:
+            chunk = stream.read(BODY_CHUNK_SIZE)
+            if not chunk:
+                if not stream.finished:
+                    # Waiting on our client, not on the upstream: no write timeout.
+                    self._phase = _NONE
+                    stream.wait(self._stream_ready)
+                    return
+                if chunked:
+                    write(b"0\r\n\r\n")
+                elif self._body_left > 0:
+                    self.fail(ValueError(ERR_BODY_SHORT))
+                    return
+                self._body_left = 0
+                self._stop_writing()
+                self._arm(_READ, ex.read_timeout)
+                return
+            if chunked:
+                write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            else:
+                left = self._body_left
+                if len(chunk) > left:  # never send more than the declared length
+                    chunk = chunk[:left]
+                self._body_left = left - len(chunk)
+                write(chunk)
+            if self.exchange is not ex or not self._writing:
+                return
+        self._deadline = self._clock.seconds() + ex.write_timeout
+
+    def _stream_ready(self) -> None:
+        ex = self.exchange
+        if ex is None or not self._writing:
+            return
+        self._arm(_WRITE, ex.write_timeout)
+        if not self._write_paused:
+            self._write_stream()
+
     def _stop_writing(self) -> None:
         if self._writing:
             self._writing = False
@@ -432,7 +567,10 @@ class _Connection(Protocol):
             ex = self.exchange
             if ex is not None and self._phase is _WRITE:
                 self._deadline = self._clock.seconds() + ex.write_timeout
-            self._write_body()
+            if ex is not None and isinstance(ex.body, BodyStream):
+                self._write_stream()
+            else:
+                self._write_body()
 
     def stopProducing(self) -> None:
         self._writing = False
@@ -615,7 +753,7 @@ class _Connection(Protocol):
 
 def _rewind(ex: _Exchange) -> bool:
     """Put the request body back at its start for a retry; False if impossible."""
-    if ex.body is None or ex.body_length <= 0:
+    if ex.body is None or (ex.body_length <= 0 and not isinstance(ex.body, BodyStream)):
         return True
     try:
         ex.body.seek(ex.body_start)
@@ -710,7 +848,7 @@ class UpstreamPool:
         method: bytes,
         target: bytes,
         headers: List[Tuple[bytes, bytes]],
-        body: Optional[IO[bytes]],
+        body: Optional[Union[IO[bytes], "BodyStream"]],
         body_length: int,
         sink: IResponseSink,
         connect_timeout: float,
@@ -734,7 +872,14 @@ class UpstreamPool:
                 has_length = True
             parts += (name, b": ", value, b"\r\n")
         lines = len(headers) + 2
-        if body is not None and not has_length:
+        if isinstance(body, BodyStream):
+            if body.length is None:
+                parts += (b"Transfer-Encoding: chunked\r\n",)
+                lines += 1
+            elif not has_length:
+                parts += (b"Content-Length: ", b"%d" % body.length, b"\r\n")
+                lines += 1
+        elif body is not None and not has_length:
             parts += (b"Content-Length: ", b"%d" % body_length, b"\r\n")
             lines += 1
         parts.append(b"\r\n")
@@ -756,7 +901,7 @@ class UpstreamPool:
             write_timeout,
             read_timeout,
         )
-        if body is not None and body_length > 0:
+        if body is not None and (body_length > 0 or isinstance(body, BodyStream)):
             try:
                 ex.body_start = body.tell()
             except Exception:

@@ -11,8 +11,8 @@ traversal) and enforces the body size limit while the body is being received.
 from __future__ import annotations
 
 import ipaddress
-import os
 import time
+from random import getrandbits
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet import defer
@@ -56,6 +56,7 @@ _REPLACED_UPSTREAM = frozenset(
         b"x-forwarded-path",
         b"x-forwarded-prefix",
         b"x-kong-request-id",
+        b"via",
     ]
 )
 _FORWARDED_TRUSTED = (
@@ -71,8 +72,27 @@ _DROPPED_RESPONSE = HOP_BY_HOP | frozenset([b"content-length"])
 #: registering the upstream connection as the client's producer.
 _SMALL_BODY_DIGITS = 5
 
+#: Request bodies up to this size are buffered (so a retry can resend them); larger
+#: or chunked bodies, and any body on a route with request_buffering=false, are
+#: streamed upstream as they arrive.
+STREAM_THRESHOLD = 64 * 1024
+
 _SERVER_TOKEN = ("kong/%s" % (KONG_VERSION,)).encode("ascii")
 _VIA_TOKEN = ("1.1 kong/%s" % (KONG_VERSION,)).encode("ascii")
+
+
+class _Peer:
+    """Facts about one client connection, computed on its first request."""
+
+    __slots__ = ("scheme", "scheme_bytes", "remote", "remote_bytes", "trusted", "port_bytes")
+
+    def __init__(self, scheme: str, remote: Optional[str], trusted: bool, port: int) -> None:
+        self.scheme = scheme
+        self.scheme_bytes = scheme.encode("ascii")
+        self.remote = remote
+        self.remote_bytes = (remote or "unix").encode("latin-1")
+        self.trusted = trusted
+        self.port_bytes = b"%d" % (port,)
 
 
 class ProxySettings:
@@ -103,6 +123,17 @@ def _ms(seconds: float) -> bytes:
     return b"%d" % (int(seconds * 1000),)
 
 
+def _select(router: Any, request: Any, host: Optional[str], path: str, scheme: str) -> Any:
+    """Ask ``router`` for the route of ``request`` (headers only built when needed)."""
+    header_map = None
+    if router.uses_headers:
+        header_map = {
+            name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        }
+    return router.select(request.method.decode("latin-1"), host, path, scheme, header_map)
+
+
 class ProxyRequest(server.Request):
     """A ``twisted.web`` request trimmed for proxying.
 
@@ -114,6 +145,8 @@ class ProxyRequest(server.Request):
     _received = 0
     #: The upstream exchange serving this request (cancelled if the client leaves).
     exchange: Optional["_Exchange"] = None
+    #: The body being streamed upstream as it arrives (None: buffered body).
+    stream: Optional[upstream.BodyStream] = None
 
     def connectionLost(self, reason: failure.Failure) -> None:
         server.Request.connectionLost(self, reason)
@@ -123,10 +156,29 @@ class ProxyRequest(server.Request):
             exchange.cancel()
 
     def gotLength(self, length: Optional[int]) -> None:
-        limit = self.channel.site.max_body_size
+        """Headers are in: refuse an oversized body, or start streaming a large one."""
+        channel = self.channel
+        site = channel.site
+        limit = site.max_body_size
         if limit and length is not None and length > limit:
             self.body_too_large = True
-        server.Request.gotLength(self, length if not self.body_too_large else 0)
+            server.Request.gotLength(self, 0)
+            return
+        if length == 0:
+            server.Request.gotLength(self, 0)
+            return
+        # The request line and headers are known before the body arrives.
+        self.method, self.uri = channel._command, channel._path
+        self.clientproto = channel._version
+        self.path = self.uri.split(b"?", 1)[0]
+        if length is not None and length <= STREAM_THRESHOLD and not site.resource.unbuffered(self):
+            server.Request.gotLength(self, length)
+            return
+        server.Request.gotLength(self, 0)
+        transport = channel.transport
+        self.stream = upstream.BodyStream(
+            length, on_full=transport.pauseProducing, on_drained=transport.resumeProducing)
+        self.process()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
@@ -136,12 +188,43 @@ class ProxyRequest(server.Request):
             self._received += len(data)
             if self._received > limit:
                 self.body_too_large = True
+                if self.stream is not None:
+                    self._stream_too_large()
+                    return
                 self.content.seek(0)
                 self.content.truncate()
                 return
-        self.content.write(data)
+        stream = self.stream
+        if stream is not None:
+            stream.feed(data)
+        else:
+            self.content.write(data)
+
+    def _stream_too_large(self) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.cancel()
+        if self.startedWriting:
+            self.channel.transport.abortConnection()
+        else:
+            self.site.resource.respond_error(self, 413, None, upstream_error=True)
+
+    def finish_response(self) -> None:
+        """Finish the response; if the request body is still arriving (streamed),
+        close the connection after it instead of reading the rest."""
+        stream = self.stream
+        if stream is not None and not stream.finished:
+            self.channel.persistent = False
+            self.channel.transport.resumeProducing()
+        self.finish()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        stream = self.stream
+        if stream is not None:
+            # Already routed and streaming: the body is complete.
+            stream.finish()
+            return
         # Unlike http.Request, parse neither the query string nor form bodies: the
         # proxy forwards them verbatim.
         self.content.seek(0, 0)
@@ -187,6 +270,7 @@ class ProxySite(server.Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = server.Site.buildProtocol(self, addr)
+        channel.kongtx_peer = None
         channel.maxHeaders = self.max_headers
         channel.totalHeadersSize = self.max_header_size
         self.connections_accepted += 1
@@ -305,7 +389,7 @@ class _Exchange:
             return
         if request.producer is not None:
             request.unregisterProducer()
-        request.finish()
+        request.finish_response()
 
     # Outcome of one try
     def _done(self, _: Any) -> None:
@@ -369,7 +453,8 @@ class GatewayResource(ReverseProxyResource):
         self.snapshots = snapshots
         self.pool = pool
         self.settings = settings
-        self._request_id = request_id_factory or (lambda: os.urandom(16).hex())
+        # Request ids only need to be unique, not secret: no syscall per request.
+        self._request_id = request_id_factory or (lambda: "%032x" % getrandbits(128))
         self.requests_total = 0
 
     def getChild(self, path: bytes, request: Any) -> Resource:
@@ -395,17 +480,10 @@ class GatewayResource(ReverseProxyResource):
             return self.respond_error(request, 400, None, request_id=request_id,
                                       started=started, upstream_error=True)
         host = hosts[0].decode("latin-1") if hosts else None
-        scheme = "https" if request.isSecure() else "http"
-        method = request.method.decode("latin-1")
+        peer = self._peer(request)
+        scheme = peer.scheme
         snapshot = self.snapshots.current
-        router = snapshot.router
-        header_map = None
-        if router.uses_headers:
-            header_map = {
-                name.decode("latin-1").lower(): [v.decode("latin-1") for v in values]
-                for name, values in headers.getAllRawHeaders()
-            }
-        match = router.select(method, host, path, scheme, header_map)
+        match = _select(snapshot.router, request, host, path, scheme)
         if match is None:
             return self.respond_error(request, 404, responses.NO_ROUTE,
                                       request_id=request_id, started=started)
@@ -424,13 +502,22 @@ class GatewayResource(ReverseProxyResource):
             target += request.uri[query_at:]
 
         out = self._upstream_headers(request, route, service, match, raw_path,
-                                     host, scheme, request_id)
-        content = request.content
-        content.seek(0, 2)
-        length = content.tell()
-        content.seek(0, 0)
-        if length or request.method in (b"POST", b"PUT", b"PATCH"):
-            out.append((b"Content-Length", b"%d" % (length,)))
+                                     host, peer, request_id)
+        stream = request.stream
+        if stream is not None:
+            body: Any = stream
+            length = stream.length or 0
+            if stream.length is not None:
+                out.append((b"Content-Length", b"%d" % (length,)))
+        else:
+            body = content = request.content
+            content.seek(0, 2)
+            length = content.tell()
+            content.seek(0, 0)
+            if length or request.method in (b"POST", b"PUT", b"PATCH"):
+                out.append((b"Content-Length", b"%d" % (length,)))
+            if not length:
+                body = None
         if self.settings.allow_debug_header and headers.getRawHeaders(b"kong-debug"):
             self._debug_headers(request, route, service)
         exchange = _Exchange(
@@ -442,7 +529,7 @@ class GatewayResource(ReverseProxyResource):
                 method=request.method,
                 target=target,
                 headers=out,
-                body=content if length else None,
+                body=body,
                 body_length=length,
                 connect_timeout=service.connect_timeout,
                 write_timeout=service.write_timeout,
@@ -455,13 +542,25 @@ class GatewayResource(ReverseProxyResource):
         exchange.send()
         return server.NOT_DONE_YET
 
+    def unbuffered(self, request: ProxyRequest) -> bool:
+        """Whether ``request`` (headers received, body not yet) goes to a route with
+        ``request_buffering = false``."""
+        try:
+            path = uri.normalize(uri.from_wire(request.path))
+        except ValueError:
+            return False
+        hosts = request.requestHeaders.getRawHeaders(b"host")
+        host = hosts[0].decode("latin-1") if hosts else None
+        match = _select(self.snapshots.current.router, request, host, path,
+                        self._peer(request).scheme)
+        return match is not None and not match.route.request_buffering
+
     def _upstream_headers(self, request: ProxyRequest, route: Any, service: ServiceSpec,
-                          match: Any, raw_path: bytes, host: Optional[str], scheme: str,
+                          match: Any, raw_path: bytes, host: Optional[str], peer: _Peer,
                           request_id: str) -> List[Tuple[bytes, bytes]]:
         settings = self.settings
-        peer = request.getClientAddress()
-        remote = getattr(peer, "host", None)
-        trusted = self._is_trusted(remote)
+        remote = peer.remote
+        trusted = peer.trusted
         out: List[Tuple[bytes, bytes]] = []
         append = out.append
         incoming = {}
@@ -502,19 +601,17 @@ class GatewayResource(ReverseProxyResource):
         else:
             append((b"Host", service.host_header))
         xff = incoming.get(b"x-forwarded-for")
-        remote_b = (remote or "unix").encode("latin-1")
+        remote_b = peer.remote_bytes
         append((b"X-Forwarded-For", b", ".join(xff + [remote_b]) if xff else remote_b))
         if trusted:
             forwarded = {k: incoming[k][0] for k in _FORWARDED_TRUSTED if k in incoming}
         else:
             forwarded = {}
-        local = request.getHost()
         host_only = host.rsplit(":", 1)[0] if host and not host.endswith("]") else host
-        append((b"X-Forwarded-Proto", forwarded.get(b"x-forwarded-proto", scheme.encode())))
+        append((b"X-Forwarded-Proto", forwarded.get(b"x-forwarded-proto", peer.scheme_bytes)))
         append((b"X-Forwarded-Host", forwarded.get(
             b"x-forwarded-host", (host_only or "").encode("latin-1"))))
-        append((b"X-Forwarded-Port", forwarded.get(
-            b"x-forwarded-port", b"%d" % (getattr(local, "port", 0),))))
+        append((b"X-Forwarded-Port", forwarded.get(b"x-forwarded-port", peer.port_bytes)))
         append((b"X-Forwarded-Path", forwarded.get(b"x-forwarded-path", raw_path)))
         prefix = forwarded.get(b"x-forwarded-prefix")
         if prefix is None:
@@ -524,12 +621,28 @@ class GatewayResource(ReverseProxyResource):
         if prefix is not None:
             append((b"X-Forwarded-Prefix", prefix))
         append((b"X-Real-IP", client_ip.encode("latin-1")))
+        via = incoming.get(b"via")
         if settings.via_header:
-            via = request.requestHeaders.getRawHeaders(b"via")
             append((b"Via", b", ".join(via + [_VIA_TOKEN]) if via else _VIA_TOKEN))
+        elif via:
+            append((b"Via", b", ".join(via)))
         if settings.request_id_upstream:
             append((b"X-Kong-Request-Id", request_id.encode("ascii")))
         return out
+
+    def _peer(self, request: ProxyRequest) -> _Peer:
+        channel = request.channel
+        peer = getattr(channel, "kongtx_peer", None)
+        if peer is None:
+            remote = getattr(request.getClientAddress(), "host", None)
+            peer = _Peer(
+                "https" if request.isSecure() else "http",
+                remote,
+                self._is_trusted(remote),
+                getattr(request.getHost(), "port", 0),
+            )
+            channel.kongtx_peer = peer
+        return peer
 
     def _is_trusted(self, remote: Optional[str]) -> bool:
         settings = self.settings
@@ -600,5 +713,5 @@ class GatewayResource(ReverseProxyResource):
             headers.setRawHeaders(b"X-Kong-Response-Latency",
                                   [_ms(time.monotonic() - started)])
         request.write(body)
-        request.finish()
+        request.finish_response()
         return server.NOT_DONE_YET

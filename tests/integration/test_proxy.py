@@ -35,7 +35,7 @@ async def test_route_and_service_proxy_with_kong_headers(node, client, upstream)
     with Kong's response headers and X-Forwarded-* headers upstream."""
     await _service_and_route(client, node, upstream)
     r = await client.request("GET", node.proxy + "/echo/hello?b=2&a=1",
-                             headers={"X-Forwarded-For": "10.0.0.1"})
+                             headers={"X-Forwarded-For": "10.0.0.1", "Via": "1.0 edge"})
     assert r.code == 200, r.body
     seen = r.json()
     assert seen["uri"] == "/hello?b=2&a=1"
@@ -51,6 +51,7 @@ async def test_route_and_service_proxy_with_kong_headers(node, client, upstream)
     assert headers["x-forwarded-prefix"] == ["/echo"]
     assert headers["x-real-ip"] == ["127.0.0.1"]
     assert headers["x-kong-request-id"] == [r.header("x-kong-request-id")]
+    assert headers["via"] == ["1.0 edge, 1.1 kong/%s" % KONG_VERSION]
 
 
 @pytest_twisted.ensureDeferred
