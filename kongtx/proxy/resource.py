@@ -252,9 +252,23 @@ class ProxyRequest(server.Request):
             self.loseConnection()
 
 
+class ProxyChannel(http.HTTPChannel):
+    """An ``HTTPChannel`` that asks the socket for its local address once per
+    connection instead of once per request (twisted.web's Request does)."""
+
+    _local_address: Any = None
+
+    def getHost(self) -> Any:
+        address = self._local_address
+        if address is None:
+            address = self._local_address = http.HTTPChannel.getHost(self)
+        return address
+
+
 class ProxySite(server.Site):
     """The proxy's ``Site``: quiet by default, bounded header and body sizes."""
 
+    protocol = ProxyChannel
     requestFactory = ProxyRequest
     displayTracebacks = False
 
