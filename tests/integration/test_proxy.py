@@ -194,3 +194,27 @@ async def test_configuration_survives_restart(tmp_path, client, upstream):
         assert r.json()["host"] == "127.0.0.1"
     finally:
         await second.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_requests_get_400_and_node_keeps_serving(node, client):
+    """A bad percent-escape or two Host headers get 400 with Kong's body; the node
+    keeps answering afterwards."""
+    from twisted.internet import reactor
+
+    from tests.integration.helpers import raw_exchange, split_response
+
+    port = int(node.proxy.rsplit(":", 1)[1])
+    raw = await raw_exchange(reactor, "127.0.0.1", port,
+                             b"GET /a%zz HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n"
+                             b"Connection: close\r\n\r\n")
+    status, _, body = split_response(raw)
+    assert status.startswith("HTTP/1.1 400")
+    assert b"Bad request" in body
+    raw = await raw_exchange(reactor, "127.0.0.1", port,
+                             b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n")
+    assert split_response(raw)[0].startswith("HTTP/1.1 400")
+    raw = await raw_exchange(reactor, "127.0.0.1", port, b"\x00\x01garbage\r\n\r\n")
+    assert raw == b"" or raw.startswith(b"HTTP/1.1 400")
+    r = await client.request("GET", node.proxy + "/still-here")
+    assert r.code == 404
