@@ -164,6 +164,7 @@ class KongtxService(service.MultiService):
         self.proxy_site: Any = None
         self.admin_site: Any = None
         self.ready: defer.Deferred = defer.Deferred()
+        self._store_retry: Any = None
 
     # -- start-up --------------------------------------------------------------
 
@@ -192,7 +193,9 @@ class KongtxService(service.MultiService):
         for name in config.unknown_properties:
             log.warn("unknown property '{name}' ignored", name=name)
         self.store = open_store(config, reactor)
-        self.snapshots = SnapshotManager(self.store, reactor)
+        self.snapshots = SnapshotManager(
+            self.store, reactor, cache_path=last_known_config_path(config)
+        )
         self.pool = UpstreamPool(
             reactor,
             pool_size=config.upstream_keepalive_pool_size,
@@ -300,12 +303,24 @@ class KongtxService(service.MultiService):
         d.addErrback(self._start_failed)
 
     async def _start(self) -> None:
+        from kongtx.store.interface import StoreUnavailable
+
+        store_error = None
         try:
             await self.store.start()
+        except StoreUnavailable as exc:
+            # The snapshot may still start from the last known configuration.
+            store_error = exc
         except Exception as exc:
             raise StartupError("database: cannot open the %s store: %s"
                                % (self.config.database, exc))
-        await self.snapshots.start()
+        try:
+            await self.snapshots.start(store_error=store_error)
+        except Exception as exc:
+            raise StartupError("database: cannot open the %s store: %s"
+                               % (self.config.database, exc))
+        if store_error is not None:
+            self._retry_store_start(1.0)
         for port in self.ports:
             port.startReading()
         for port in self.ports:
@@ -313,6 +328,29 @@ class KongtxService(service.MultiService):
             log.info("kongtx {version} listening on {host}:{port}",
                      version=kongtx.__version__, host=address.host, port=address.port)
         self.ready.callback(self)
+
+    def _retry_store_start(self, delay: float) -> None:
+        """The database was unreachable at start: try ``store.start()`` again with
+        backoff; once it works, reload every row from it."""
+
+        def attempt() -> None:
+            self._store_retry = None
+            d = defer.maybeDeferred(self.store.start)
+
+            def started(_: Any) -> defer.Deferred:
+                log.info("database reachable: the {database} store is open",
+                         database=self.config.database)
+                return defer.ensureDeferred(self.snapshots.reload())
+
+            def failed(_: Any) -> None:
+                if self.running:
+                    self._retry_store_start(min(delay * 2, 30.0))
+
+            d.addCallbacks(started, failed)
+            # A failed reload is logged and retried by the snapshot manager.
+            d.addErrback(lambda _: None)
+
+        self._store_retry = self.reactor.callLater(delay, attempt)
 
     def _start_failed(self, reason: Any) -> None:
         if reason.check(StartupError):
@@ -333,8 +371,12 @@ class KongtxService(service.MultiService):
     def stopService(self) -> defer.Deferred:
         service.MultiService.stopService(self)
         waits = self._close_ports()
+        if self._store_retry is not None and self._store_retry.active():
+            self._store_retry.cancel()
+        self._store_retry = None
         if self.snapshots is not None:
-            self.snapshots.stop()
+            # Fires once the last known configuration is on disk.
+            waits.append(self.snapshots.stop())
         if self.pool is not None:
             waits.append(defer.maybeDeferred(self.pool.close))
         if self.store is not None:
@@ -344,6 +386,14 @@ class KongtxService(service.MultiService):
     def addresses(self, site: Any) -> List[Any]:
         """The bound addresses serving ``site`` (for tests that listen on port 0)."""
         return [p.getHost() for p in self.ports if p.factory is site]
+
+
+def last_known_config_path(config: Config) -> Optional[str]:
+    """Where the node saves the configuration it serves, for starting during a
+    database outage: only a shared database can be unreachable."""
+    if config.database != "postgres":
+        return None
+    return config.prefix_path("kongtx-config.json")
 
 
 def _no_access_log(request: Any) -> None:
