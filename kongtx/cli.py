@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from typing import Callable, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, List, Optional, Sequence, TextIO, Tuple
 
 import attr
 
@@ -79,9 +79,151 @@ def _run_version(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+# -- migrations ---------------------------------------------------------------------
+
+MIGRATION_COMMANDS = ("bootstrap", "up", "list", "status", "reset")
+#: Exit statuses of ``list``/``status`` (Kong's): not bootstrapped, pending migrations.
+EXIT_NOT_BOOTSTRAPPED = 3
+EXIT_PENDING = 5
+
+NEEDS_POSTGRES = "'kongtx migrations' needs database = postgres (this configuration uses '{database}')"
+NOT_A_TTY = "not a tty: invoke 'reset' non-interactively with the --yes flag"
+CONFIRM_RESET = "Are you sure? This operation is irreversible. [Y/n] "
+NEEDS_BOOTSTRAP = (
+    "Database needs bootstrapping or is older than Kong 1.0.\n\n"
+    "To start a new installation from scratch, run 'kongtx migrations bootstrap'."
+)
+
+
+def _configure_migrations(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("command", choices=MIGRATION_COMMANDS, metavar="COMMAND",
+                        help="bootstrap | up | list | status | reset")
+    parser.add_argument("-y", "--yes", action="store_true",
+                        help="assume yes to prompts (reset)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    parser.add_argument("-c", "--conf", default=None, help="configuration file")
+    parser.add_argument("-p", "--prefix", default=None, help="override the prefix directory")
+
+
+def _run_migrations(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Load the configuration, then run the command on the reactor (``task.react``)."""
+    try:
+        config = load_config(args.conf, prefix=args.prefix)
+    except ConfigError as e:
+        err.write(f"Error: {e}\n")
+        return 1
+    if config.database != "postgres":
+        err.write("Error: " + NEEDS_POSTGRES.format(database=config.database) + "\n")
+        return 1
+    if args.command == "reset" and not args.yes:
+        if not sys.stdin.isatty():
+            err.write(f"Error: {NOT_A_TTY}\n")
+            return 1
+        out.write(CONFIRM_RESET)
+        out.flush()
+        if sys.stdin.readline().strip().lower() not in ("", "y", "yes"):
+            out.write("Canceled\n")
+            return 0
+    from twisted.internet import defer, task
+
+    from kongtx.store.postgres import PgSettings
+
+    settings = PgSettings.from_config(config)
+    quiet_out = _Discard() if args.quiet else out
+
+    def run(reactor: Any) -> "defer.Deferred[None]":
+        async def go() -> None:
+            code = await migrations_command(args.command, settings, reactor, quiet_out, err)
+            if code:
+                raise SystemExit(code)
+
+        return defer.Deferred.fromCoroutine(go())
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+class _Discard:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+async def migrations_command(
+    command: str, settings: Any, reactor: Any, out: Any, err: Any, migrations: Any = None
+) -> int:
+    """Runs one ``kongtx migrations`` command on a running reactor; returns the exit status.
+
+    Errors (database unreachable, not bootstrapped ...) are one ``Error: ...`` line on ``err``.
+    """
+    from kongtx.store import migrations as runner
+    from kongtx.store.interface import StoreError
+
+    where = f"database '{settings.database}'"
+    try:
+        if command == "bootstrap":
+            out.write("Bootstrapping database...\n")
+            ran = await runner.bootstrap(settings, reactor, migrations)
+            if not ran:
+                out.write("Database already bootstrapped\n")
+                return 0
+            for name in ran:
+                out.write(f"migrated up to: {name} on {where}\n")
+            out.write(f"{len(ran)} migrations processed\n{len(ran)} executed\nDatabase is up-to-date\n")
+            return 0
+        if command == "up":
+            ran = await runner.up(settings, reactor, migrations)
+            if not ran:
+                out.write("Database is already up-to-date\n")
+                return 0
+            for name in ran:
+                out.write(f"migrated up to: {name} on {where}\n")
+            out.write(f"{len(ran)} migrations processed\n{len(ran)} executed\nDatabase is up-to-date\n")
+            return 0
+        if command in ("list", "status"):
+            executed, pending = await runner.status(settings, reactor, migrations)
+            if not executed:
+                out.write(NEEDS_BOOTSTRAP + "\n")
+                return EXIT_NOT_BOOTSTRAPPED
+            if command == "list":
+                out.write("Executed migrations:\n" + "".join(f"  {n}\n" for n in executed))
+                if pending:
+                    out.write("Pending migrations:\n" + "".join(f"  {n}\n" for n in pending))
+                    out.write("Run 'kongtx migrations up' to proceed\n")
+                    return EXIT_PENDING
+                out.write("Database is up-to-date\n")
+                return 0
+            if pending:
+                out.write(f"Database has pending migrations: {', '.join(pending)}\n")
+                return EXIT_PENDING
+            out.write(f"Database is up-to-date ({len(executed)} migrations executed)\n")
+            return 0
+        if command == "reset":
+            if await runner.reset(settings, reactor, migrations):
+                out.write("Database successfully reset\n")
+            else:
+                out.write("Database not bootstrapped, nothing to reset\n")
+            return 0
+        err.write(f"Error: unknown migrations command '{command}'\n")
+        return 1
+    except StoreError as e:
+        err.write(f"Error: {' '.join(str(e).split())}\n")
+        return 1
+    except Exception as e:  # never a traceback on the operator's terminal
+        err.write(f"Error: {type(e).__name__}: {' '.join(str(e).split())}\n")
+        return 1
+
+
 VERBS: Tuple[Verb, ...] = (
     Verb("check", "check the validity of a configuration file", _configure_check, _run_check),
     Verb("version", "print the kongtx version", _configure_version, _run_version),
+    Verb("migrations", "manage database schema migrations (Postgres)",
+         _configure_migrations, _run_migrations),
 )
 
 

@@ -55,6 +55,7 @@ def makeService(options: Options) -> service.IService:
         config = load_config(options["conf"], os.environ, options["prefix"])
         prepare_prefix(config)
         preflight_listeners(config)
+        check_database(config)
     except (ConfigError, StartupError) as exc:
         raise _fail(str(exc))
     from twisted.internet import reactor
@@ -71,6 +72,26 @@ def prepare_prefix(config: Config) -> None:
             raise StartupError("prefix: cannot create %s: %s" % (path, exc.strerror))
         if not os.access(path, os.W_OK):
             raise StartupError("prefix: %s is not writable" % (path,))
+
+
+def check_database(config: Config) -> None:
+    """Refuse to start on a Postgres database that needs ``kongtx migrations``.
+
+    Runs before the reactor (blocking is fine here). An unreachable database is not
+    an error: the node starts from its last known configuration if it has one.
+    """
+    if config.database != "postgres":
+        return
+    from kongtx.store.interface import StoreUnavailable
+    from kongtx.store.migrations import schema_problem_blocking
+    from kongtx.store.postgres import PgSettings
+
+    try:
+        problem = schema_problem_blocking(PgSettings.from_config(config))
+    except StoreUnavailable:
+        return
+    if problem is not None:
+        raise StartupError(problem)
 
 
 def preflight_listeners(config: Config) -> None:
@@ -109,11 +130,15 @@ def node_id_for(config: Config) -> str:
         return value
 
 
-def open_store(config: Config, reactor: Any) -> Any:
+def open_store(config: Config, reactor: Any, node_id: str) -> Any:
     """The store the configuration asks for (not started)."""
     from kongtx.schema import store_metas
 
     metas = store_metas()
+    if config.database == "postgres":
+        from kongtx.store.postgres import PostgresStore
+
+        return PostgresStore.from_config(config, metas, reactor, node_id)
     if config.database == "sqlite":
         from kongtx.store.sqlite import SQLiteStore
 
@@ -192,7 +217,8 @@ class KongtxService(service.MultiService):
         reactor = self.reactor
         for name in config.unknown_properties:
             log.warn("unknown property '{name}' ignored", name=name)
-        self.store = open_store(config, reactor)
+        node_id = node_id_for(config)
+        self.store = open_store(config, reactor, node_id)
         self.snapshots = SnapshotManager(
             self.store, reactor, cache_path=last_known_config_path(config)
         )
@@ -218,7 +244,7 @@ class KongtxService(service.MultiService):
         admin = AdminResource(
             SettledStore(self.store, self.snapshots),
             reactor=reactor,
-            node_id=node_id_for(config),
+            node_id=node_id,
             hostname=socket.gethostname(),
             configuration=config.sanitized(),
             max_body_size=config.nginx_admin_client_max_body_size,
