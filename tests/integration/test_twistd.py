@@ -8,33 +8,13 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env = {k: v for k, v in env.items() if not k.startswith("KONG_")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def _twistd(*args: str) -> list:
-    # ``python -m twisted`` is ``twist``, not ``twistd``: run twistd with this interpreter.
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
+from tests.integration.processes import free_port, kong_env as _env, twistd as _twistd
 
 
 def _wait_for(url: str, timeout: float = 30.0, context=None) -> bytes:
