@@ -147,7 +147,9 @@ async def test_reset_with_pg_schema_drops_the_schema(fresh_database: Database) -
     try:
         cur = conn.cursor()
         cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s", [settings.schema])
-        assert cur.fetchone()[0] == 4  # kongtx_migrations, cluster_events, services, routes
+        # kongtx_migrations, cluster_events, services, routes, consumers, plugins,
+        # keyauth_credentials
+        assert cur.fetchone()[0] == 7
         assert await migrations.reset(settings, reactor) is True
         cur.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", [settings.schema])
         assert cur.fetchone()[0] == 0

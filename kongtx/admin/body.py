@@ -13,7 +13,7 @@ import email.parser
 import email.policy
 import json
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl
 
 from kongtx import errors
@@ -143,10 +143,19 @@ def parse_multipart(content_type: str, body: bytes) -> List[Tuple[str, str]]:
 # -- coercion by field type -------------------------------------------------------
 
 
-def infer(args: Dict[str, Any], entity: Entity) -> Dict[str, Any]:
-    """Coerce form strings by *entity*'s field types (Kong's ``arguments.infer``)."""
+def infer(
+    args: Dict[str, Any], entity: Entity, context: Optional[Mapping[str, Any]] = None
+) -> Dict[str, Any]:
+    """Coerce form strings by *entity*'s field types (Kong's ``arguments.infer``).
+
+    Fields come from the subschema the input selects (a plugin's ``config`` by
+    its ``name``); *context* is the stored row a PATCH applies to, so a patch
+    without ``name`` still finds its plugin's fields.
+    """
+    row: Dict[str, Any] = dict(context or {})
+    row.update(args)
     for name in list(args):
-        fdef = entity.field(name)
+        fdef = entity.field(name, row)
         if fdef is None:
             shorthand = entity.shorthand(name)
             fdef = shorthand.field if shorthand is not None else None
@@ -213,8 +222,12 @@ def decode_body(
     content_types: Optional[Sequence[bytes]],
     body: bytes,
     entity: Optional[Entity],
+    context: Optional[Mapping[str, Any]] = None,
 ) -> Any:
     """The request body as input for *entity*; ``{}`` when there is none.
+
+    *context* (the row a PATCH applies to) helps pick the subschema that
+    form values are coerced by (see :func:`infer`).
 
     Raises :class:`~kongtx.errors.BadRequest` (multiple Content-Type headers,
     unparsable JSON) or :class:`~kongtx.errors.UnsupportedMediaType`.
@@ -242,4 +255,4 @@ def decode_body(
         args = nest_pairs(parse_multipart(content_type, body))
     else:
         raise errors.UnsupportedMediaType()
-    return infer(args, entity) if entity is not None else args
+    return infer(args, entity, context) if entity is not None else args

@@ -67,6 +67,10 @@ class Crud:
             return None
         return await self._call(self._store.get_by, entity.name, entity.endpoint_key, key)
 
+    async def select_by(self, entity: Entity, field: str, value: Any) -> Optional[Row]:
+        """The row whose unique *field* equals *value*, or ``None``."""
+        return await self._call(self._store.get_by, entity.name, field, value)
+
     async def page(
         self,
         entity: Entity,

@@ -16,10 +16,11 @@ from kongtx.schema.entity import (
     ConditionalAtLeastOneOf,
     CustomCheck,
     Entity,
+    Subschema,
 )
 from kongtx.schema.typedefs import NO_DEFAULT, Field
 
-__all__ = ["NodeInfo", "memory_info", "ping", "schema_to_json"]
+__all__ = ["NodeInfo", "memory_info", "ping", "schema_to_json", "plugin_schema_to_json"]
 
 TAGLINE = "Welcome to kong"
 EDITION = "community"
@@ -188,3 +189,15 @@ def schema_to_json(entity: Entity) -> Dict[str, Any]:
     if entity.endpoint_key:
         body["endpoint_key"] = entity.endpoint_key
     return body
+
+
+def plugin_schema_to_json(subschema: Subschema) -> Dict[str, Any]:
+    """``GET /schemas/plugins/{name}``: the fields the plugin specialises, Kong's order.
+
+    Kong answers with the plugin's schema file: ``consumer``, ``protocols`` and
+    ``config`` (every config field with its type, default and validators).
+    """
+    order = ("consumer", "protocols", "config")
+    names = [n for n in order if n in subschema.fields]
+    names += sorted(n for n in subschema.fields if n not in order)
+    return {"fields": [{name: _field_json(subschema.fields[name])} for name in names]}

@@ -9,6 +9,7 @@ the generic CRUD (:mod:`kongtx.admin.crud`) for every entity in
 from __future__ import annotations
 
 import json
+from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import quote, unquote_to_bytes
 
@@ -25,8 +26,10 @@ from kongtx.admin.body import METHODS_WITH_BODY, decode_body
 from kongtx.admin.crud import MAX_PAGE_SIZE, Crud, is_uuid
 from kongtx.schema import ENTITIES
 from kongtx.schema.entity import Entity
+from kongtx.schema.plugins import with_plugins
+from kongtx.store.interface import StoreError
 
-__all__ = ["AdminResource", "AdminRequest", "Response", "make_site"]
+__all__ = ["AdminResource", "AdminRequest", "Response", "make_site", "available_on_server"]
 
 COLLECTION_METHODS = ("GET", "HEAD", "OPTIONS", "POST")
 ENTITY_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "PUT")
@@ -35,6 +38,10 @@ VALIDATE_METHODS = ("OPTIONS", "POST")
 
 MSG_SCHEMA_VALID = "schema validation successful"
 MSG_NO_ENTITY = "No entity named '%s'"
+MSG_NO_PLUGIN = "No plugin named '%s'"
+MSG_BAD_CUSTOM_ID = "custom_id must be an unempty string"
+
+_NO_PLUGINS: Mapping[str, type] = MappingProxyType({})
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
@@ -91,8 +98,22 @@ class _Route:
         self.params = params
 
 
+def available_on_server(plugins: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``GET /``'s ``available_on_server``: ``{name: {"version", "priority"}}``."""
+    return {
+        name: {"version": getattr(cls, "VERSION", None), "priority": getattr(cls, "PRIORITY", 0)}
+        for name, cls in sorted(plugins.items())
+    }
+
+
 class AdminResource(Resource):
-    """The Admin API; serve it with ``twisted.web.server.Site(AdminResource(...))``."""
+    """The Admin API; serve it with ``twisted.web.server.Site(AdminResource(...))``.
+
+    *plugins* maps plugin names to the plugin classes the node loaded
+    (``kongtx.plugins.load_plugins``): plugin rows are validated against them,
+    and ``GET /`` lists them.  The older *plugins_available* (a ready
+    ``available_on_server`` dict) is used only when *plugins* is empty.
+    """
 
     isLeaf = True
 
@@ -111,11 +132,18 @@ class AdminResource(Resource):
         plugins_available: Optional[Mapping[str, Any]] = None,
         entities: Optional[Mapping[str, Entity]] = None,
         ping_timeout: float = 2.0,
+        plugins: Mapping[str, type] = _NO_PLUGINS,
     ) -> None:
         super().__init__()
         self._store = store
         self._reactor = reactor
-        self._entities = entities if entities is not None else ENTITIES
+        self._plugins = dict(plugins)
+        known = dict(entities if entities is not None else ENTITIES)
+        if "plugins" in known:
+            known["plugins"] = with_plugins(known["plugins"], self._plugins)
+        self._entities: Mapping[str, Entity] = known
+        if self._plugins:
+            plugins_available = available_on_server(self._plugins)
         self._crud = Crud(store, self._entities, reactor.seconds)
         self._max_body_size = max_body_size
         self._server_header = ("kong/%s" % kong_version).encode("ascii")
@@ -253,7 +281,11 @@ class AdminResource(Resource):
                 return _Route("schema", READ_METHODS, name=segments[1])
             if segments[2] == "validate":
                 return _Route("schema_validate", VALIDATE_METHODS, name=segments[1])
+            if segments[1] == "plugins" and "plugins" in self._entities:
+                return _Route("plugin_schema", READ_METHODS, name=segments[2])
             return None
+        if segments == ["plugins", "enabled"] and "plugins" in self._entities:
+            return _Route("plugins_enabled", READ_METHODS)
         entity = self._by_path(segments[0])
         if entity is None:
             return None
@@ -302,7 +334,12 @@ class AdminResource(Resource):
 
     # -- body and query ------------------------------------------------------------------
 
-    def _body(self, request: Request, entity: Optional[Entity]) -> Any:
+    def _body(
+        self,
+        request: Request,
+        entity: Optional[Entity],
+        context: Optional[Mapping[str, Any]] = None,
+    ) -> Any:
         method = request.method.upper()
         if method not in METHODS_WITH_BODY:
             return {}
@@ -322,7 +359,7 @@ class AdminResource(Resource):
             content.seek(0)
             body = content.read()
         content_types = request.requestHeaders.getRawHeaders(b"content-type")
-        return decode_body(method, content_types, body, entity)
+        return decode_body(method, content_types, body, entity, context)
 
     def _arg(self, request: Request, name: str) -> Optional[str]:
         values = (request.args or {}).get(name.encode("ascii"))
@@ -349,7 +386,29 @@ class AdminResource(Resource):
     # -- handlers ------------------------------------------------------------------------
 
     async def _handle_root(self, request: Request, method: str) -> Response:
-        return _ok(self._node.root())
+        body = self._node.root()
+        body["plugins"]["enabled_in_cluster"] = await self._enabled_in_cluster()
+        return _ok(body)
+
+    async def _enabled_in_cluster(self) -> List[str]:
+        """The distinct names of the stored plugin rows (``[]`` if the store fails)."""
+        if "plugins" not in self._entities:
+            return []
+        try:
+            rows = await self._store.all("plugins")
+        except StoreError as exc:
+            _log.warn("cannot list plugins for GET /: {error}", error=str(exc))
+            return []
+        return sorted({row["name"] for row in rows if isinstance(row.get("name"), str)})
+
+    async def _handle_plugins_enabled(self, request: Request, method: str) -> Response:
+        return _ok({"enabled_plugins": sorted(self._plugins)})
+
+    async def _handle_plugin_schema(self, request: Request, method: str, name: str) -> Response:
+        subschema = self._entities["plugins"].subschemas.get(name)
+        if subschema is None:
+            raise errors.NotFound(MSG_NO_PLUGIN % name)
+        return _ok(node.plugin_schema_to_json(subschema))
 
     async def _handle_status(self, request: Request, method: str) -> Response:
         unit = self._arg(request, "unit")
@@ -391,6 +450,8 @@ class AdminResource(Resource):
         self, request: Request, method: str, entity: Entity
     ) -> Response:
         if method == "GET":
+            if entity.name == "consumers" and b"custom_id" in (request.args or {}):
+                return await self._consumer_by_custom_id(request, entity)
             size, offset, size_suffix = self._page_args(request)
             rows, next_offset = await self._crud.page(entity, size, offset)
             return _ok(
@@ -399,6 +460,14 @@ class AdminResource(Resource):
         data = self._body(request, entity)
         row = await self._crud.insert(entity, data)
         return Response(201, row)
+
+    async def _consumer_by_custom_id(self, request: Request, entity: Entity) -> Response:
+        """``GET /consumers?custom_id=x``: a one-page list holding that consumer, or none."""
+        custom_id = self._arg(request, "custom_id")
+        if not custom_id:
+            raise errors.BadRequest(MSG_BAD_CUSTOM_ID)
+        found = await self._crud.select_by(entity, "custom_id", custom_id)
+        return _ok({"data": [found] if found is not None else [], "next": None})
 
     async def _handle_entity(
         self, request: Request, method: str, entity: Entity, key: str
@@ -415,7 +484,7 @@ class AdminResource(Resource):
             raise errors.NotFound()
         if method == "GET":
             return _ok(row)
-        data = self._body(request, entity)
+        data = self._body(request, entity, row)
         return _ok(await self._crud.update(entity, row, data))
 
     async def _handle_foreign_entity(
@@ -511,7 +580,7 @@ class AdminResource(Resource):
         if method == "DELETE":
             await self._crud.delete(entity, row)
             return Response(204)
-        data = self._body(request, entity)
+        data = self._body(request, entity, row)
         if isinstance(data, dict) and field_name not in data:
             data[field_name] = parent_ref
         return _ok(await self._crud.update(entity, row, data))

@@ -43,11 +43,17 @@ def store_metas() -> Dict[str, EntityMeta]:
 
 
 def _register_core() -> None:
+    from kongtx.schema.consumers import CONSUMERS
+    from kongtx.schema.keyauth_credentials import KEYAUTH_CREDENTIALS
+    from kongtx.schema.plugins import PLUGINS
     from kongtx.schema.routes import ROUTES
     from kongtx.schema.services import SERVICES
 
     register(SERVICES)
     register(ROUTES)
+    register(CONSUMERS)
+    register(PLUGINS)
+    register(KEYAUTH_CREDENTIALS)
 
 
 _register_core()
