@@ -29,13 +29,17 @@ import attr
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from kongtx.pipeline import EMPTY_INDEX, PluginIndex, build_plugin_index
 from kongtx.router import RouteSpec, Router
 from kongtx.store.interface import StoreUnavailable
 
 log = Logger()
 
 #: Entities whose rows make up the proxy's snapshot (and the file on disk).
-SNAPSHOT_ENTITIES = ("services", "routes")
+SNAPSHOT_ENTITIES = ("services", "routes", "plugins")
+
+#: Snapshot entities a store may not know yet (read as empty if it does not).
+OPTIONAL_ENTITIES = frozenset(["plugins"])
 
 #: The ``version`` field of the last-known-configuration file this code writes and reads.
 CACHE_FORMAT_VERSION = 1
@@ -123,10 +127,21 @@ class Snapshot:
     router: Router
     services: Dict[str, ServiceSpec]
     version: int
+    #: Plugin configurations and the precomputed chain of every route.
+    plugins: PluginIndex = EMPTY_INDEX
 
 
-def build_snapshot(rows: Dict[str, Dict[str, Dict[str, Any]]], version: int) -> Snapshot:
-    """Compile rows (entity -> id -> row) into a :class:`Snapshot`. Pure."""
+def build_snapshot(
+    rows: Dict[str, Dict[str, Dict[str, Any]]],
+    version: int,
+    plugin_classes: Optional[Mapping[str, type]] = None,
+    previous: Optional[Snapshot] = None,
+) -> Snapshot:
+    """Compile rows (entity -> id -> row) into a :class:`Snapshot`. Pure.
+
+    ``plugin_classes`` are the plugins enabled on this node (none if ``None``);
+    plugin instances of ``previous`` whose rows did not change are kept.
+    """
     services = {}
     for row in rows.get("services", {}).values():
         try:
@@ -150,7 +165,19 @@ def build_snapshot(rows: Dict[str, Dict[str, Dict[str, Any]]], version: int) -> 
     router = Router(routes)
     for route_id, message in getattr(router, "errors", ()):
         log.warn("route {id} is not routable: {message}", id=route_id, message=message)
-    return Snapshot(router=router, services=services, version=version)
+    plugin_rows = rows.get("plugins") or {}
+    if plugin_rows and plugin_classes:
+        plugins = build_plugin_index(
+            plugin_rows.values(),
+            plugin_classes,
+            [(r.id, r.service_id) for r in routes],
+            previous.plugins if previous is not None else None,
+            route_rows=dict(rows.get("routes", {})),
+            service_rows=dict(rows.get("services", {})),
+        )
+    else:
+        plugins = EMPTY_INDEX
+    return Snapshot(router=router, services=services, version=version, plugins=plugins)
 
 
 # -- the last known configuration on disk -----------------------------------------
@@ -315,8 +342,10 @@ class SnapshotManager:
         cache_delay: float = CACHE_WRITE_DELAY,
         retry_initial: float = RETRY_INITIAL,
         retry_max: float = RETRY_MAX,
+        plugins: Optional[Mapping[str, type]] = None,
     ) -> None:
         self._store = store
+        self._plugin_classes = dict(plugins or {})
         self._reactor = reactor
         self._cache_path = cache_path
         self._run_in_thread = run_in_thread or self._reactor_thread
@@ -484,7 +513,12 @@ class SnapshotManager:
     async def _fetch_all(self) -> Dict[str, Dict[str, Dict[str, Any]]]:
         rows: Dict[str, Dict[str, Dict[str, Any]]] = {}
         for entity in SNAPSHOT_ENTITIES:
-            fetched = await self._store.all(entity)
+            try:
+                fetched = await self._store.all(entity)
+            except ValueError:
+                if entity not in OPTIONAL_ENTITIES:
+                    raise
+                fetched = []  # a store without this entity yet
             rows[entity] = {row["id"]: row for row in fetched}
         return rows
 
@@ -549,7 +583,9 @@ class SnapshotManager:
         self._pending = None
         self._version += 1
         try:
-            snapshot = build_snapshot(self._rows, self._version)
+            snapshot = build_snapshot(
+                self._rows, self._version, self._plugin_classes, self.current
+            )
         except Exception:
             log.failure(MSG_REBUILD_FAILED)
         else:

@@ -185,6 +185,7 @@ class KongtxService(service.MultiService):
         self.ports: List[Any] = []
         self.store: Any = None
         self.snapshots: Any = None
+        self.plugins: Dict[str, type] = {}
         self.pool: Any = None
         self.proxy_site: Any = None
         self.admin_site: Any = None
@@ -211,6 +212,7 @@ class KongtxService(service.MultiService):
         from kongtx.admin import AdminResource, make_site
         from kongtx.proxy.client import UpstreamPool
         from kongtx.proxy.resource import GatewayResource, ProxySettings, ProxySite
+        from kongtx.plugins import PluginError, load_plugins
         from kongtx.snapshot import SettledStore, SnapshotManager
 
         config = self.config
@@ -218,9 +220,14 @@ class KongtxService(service.MultiService):
         for name in config.unknown_properties:
             log.warn("unknown property '{name}' ignored", name=name)
         node_id = node_id_for(config)
+        try:
+            self.plugins = load_plugins(config.plugins)
+        except PluginError as exc:
+            raise StartupError(str(exc))
         self.store = open_store(config, reactor, node_id)
         self.snapshots = SnapshotManager(
-            self.store, reactor, cache_path=last_known_config_path(config)
+            self.store, reactor, cache_path=last_known_config_path(config),
+            plugins=self.plugins,
         )
         self.pool = UpstreamPool(
             reactor,
@@ -232,7 +239,8 @@ class KongtxService(service.MultiService):
             ),
         )
         stats = ServerStats()
-        gateway = GatewayResource(self.snapshots, self.pool, ProxySettings(config), reactor)
+        gateway = GatewayResource(self.snapshots, self.pool, ProxySettings(config), reactor,
+                                  node_id=node_id)
         stats.gateway = gateway
         self.proxy_site = ProxySite(
             gateway,
@@ -251,6 +259,7 @@ class KongtxService(service.MultiService):
             server_stats=stats,
             version=kongtx.__version__,
             kong_version=kongtx.KONG_VERSION,
+            plugins=self.plugins,
         )
         self.admin_site = make_site(
             admin, logPath=_access_log_path(config, config.admin_access_log)

@@ -22,7 +22,8 @@ from twisted.web import http, server
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 
-from kongtx import KONG_VERSION, uri
+from kongtx import KONG_VERSION, pipeline, uri
+from kongtx.pdk import Kong, Node
 from kongtx.proxy import client as upstream
 from kongtx.proxy import responses
 from kongtx.snapshot import ServiceSpec, SnapshotManager
@@ -314,12 +315,14 @@ class _Exchange:
         "args",
         "began",
         "request_id",
+        "kong",
     )
 
     def __init__(self, resource: "GatewayResource", request: ProxyRequest,
                  service: ServiceSpec, started: float, request_id: str,
-                 args: dict) -> None:
+                 kong: Optional[Kong], args: dict) -> None:
         self.resource = resource
+        self.kong = kong
         self.request = request
         self.service = service
         self.started = started
@@ -387,6 +390,8 @@ class _Exchange:
             set_header(b"X-Kong-Upstream-Status", b"%d" % (status,))
         if settings.request_id:
             set_header(b"X-Kong-Request-Id", self.request_id.encode("ascii"))
+        if self.kong is not None:
+            pipeline.run_header_filter(self.kong)
         if not small:
             # Flow control (pause the upstream while the client is slow) only
             # matters for bodies that do not fit in one socket buffer.
@@ -394,6 +399,11 @@ class _Exchange:
 
     def response_data(self, data: bytes) -> None:
         if not self.request._disconnected:
+            kong = self.kong
+            if kong is not None and kong.chain.body_filter:
+                data = pipeline.run_body_filter(kong, data)
+                if not data:
+                    return
             self.request.write(data)
 
     def response_finished(self) -> None:
@@ -462,8 +472,10 @@ class GatewayResource(ReverseProxyResource):
     isLeaf = True
 
     def __init__(self, snapshots: SnapshotManager, pool: Any, settings: ProxySettings,
-                 reactor: Any, *, request_id_factory: Callable[[], str] = None) -> None:
+                 reactor: Any, *, request_id_factory: Callable[[], str] = None,
+                 node_id: str = "") -> None:
         ReverseProxyResource.__init__(self, "", 0, b"", reactor)
+        self.node = Node(node_id)
         self.snapshots = snapshots
         self.pool = pool
         self.settings = settings
@@ -509,14 +521,127 @@ class GatewayResource(ReverseProxyResource):
             return self.respond_error(request, 503, responses.NO_SERVICE,
                                       request_id=request_id, started=started)
 
+        chain = snapshot.plugins.chains.get(route.id) if snapshot.plugins.chains else None
+        if chain is None:
+            return self._forward(request, match, route, service, path, raw_path, host,
+                                 peer, request_id, started, None)
+        return self._run_plugins(request, snapshot.plugins, chain, match, route, service,
+                                 path, raw_path, host, peer, request_id, started)
+
+    def _run_plugins(self, request: ProxyRequest, index: Any, chain: Any, match: Any,
+                     route: Any, service: ServiceSpec, path: str, raw_path: bytes,
+                     host: Optional[str], peer: _Peer, request_id: str,
+                     started: float) -> Any:
+        """Run rewrite/access, then go upstream, answer the exit, or answer 500."""
+        kong = Kong(request, peer=peer, scheme=peer.scheme, path=path,
+                    request_id=request_id, index=index, chain=chain, route_id=route.id,
+                    service_id=service.id, node=self.node,
+                    real_ip_header=self.settings.real_ip_header)
+        if chain.log or index.consumer_scoped:
+            request.notifyFinish().addBoth(self._log_later, kong)
+        d = pipeline.run_access(kong)
+        if d is None:
+            return self._after_access(request, kong, match, route, service, path, raw_path,
+                                      host, peer, request_id, started)
+
+        def proceed(_: Any) -> None:
+            self._after_access(request, kong, match, route, service, path, raw_path,
+                               host, peer, request_id, started)
+
+        def failed(reason: failure.Failure) -> None:
+            log.failure("unexpected error while running plugins for {uri!r}", reason,
+                        uri=request.uri)
+            self.respond_error(request, 500, None, request_id=request_id, started=started)
+
+        d.addCallback(proceed).addErrback(failed)
+        return server.NOT_DONE_YET
+
+    def _after_access(self, request: ProxyRequest, kong: Kong, match: Any, route: Any,
+                      service: ServiceSpec, path: str, raw_path: bytes, host: Optional[str],
+                      peer: _Peer, request_id: str, started: float) -> Any:
+        if request.finished or request._disconnected:
+            return server.NOT_DONE_YET
+        if kong.failed:
+            return self.respond_error(request, 500, None, request_id=request_id,
+                                      started=started)
+        if kong.exited is not None:
+            return self._respond_exit(request, kong, request_id, started)
+        return self._forward(request, match, route, service, path, raw_path, host,
+                             peer, request_id, started, kong)
+
+    def _log_later(self, _: Any, kong: Kong) -> None:
+        """The response is finished: run the log phase on a later reactor turn,
+        so that it never delays the bytes already written."""
+        if kong.chain.log:
+            self.reactor.callLater(0, self._run_log, kong)
+
+    @staticmethod
+    def _run_log(kong: Kong) -> None:
+        d = pipeline.run_log(kong)
+        if d is not None:
+            d.addErrback(lambda reason: log.failure("log phase failed", reason))
+
+    def _respond_exit(self, request: ProxyRequest, kong: Kong, request_id: str,
+                      started: float) -> Any:
+        """Answer with ``kong.response.exit(status, body, headers)`` (Kong's semantics:
+        header_filter, body_filter and log still run)."""
+        assert kong.exited is not None
+        status, _, extra = kong.exited
+        body, content_type = kong.exit_body()
+        settings = self.settings
+        request.setResponseCode(status)
+        headers = request.responseHeaders
+        headers.removeHeader(b"server")
+        if settings.server_header:
+            headers.setRawHeaders(b"Server", [_SERVER_TOKEN])
+        headers.setRawHeaders(b"Date", [http.datetimeToString()])
+        if content_type is not None:
+            headers.setRawHeaders(b"Content-Type", [content_type])
+        for name, value in extra.items():
+            raw = name.encode("latin-1")
+            if isinstance(value, (list, tuple)):
+                headers.setRawHeaders(raw, [str(v).encode("latin-1") for v in value])
+            else:
+                headers.setRawHeaders(raw, [str(value).encode("latin-1")])
+        headers.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
+        if settings.request_id:
+            headers.setRawHeaders(b"X-Kong-Request-Id", [request_id.encode("ascii")])
+        if settings.response_latency:
+            headers.setRawHeaders(b"X-Kong-Response-Latency",
+                                  [_ms(time.monotonic() - started)])
+        pipeline.run_header_filter(kong)
+        if kong.chain.body_filter:
+            body = pipeline.run_body_filter(kong, body)
+        if body and request.method != b"HEAD":
+            request.write(body)
+        request.finish_response()
+        return server.NOT_DONE_YET
+
+    def _forward(self, request: ProxyRequest, match: Any, route: Any, service: ServiceSpec,
+                 path: str, raw_path: bytes, host: Optional[str], peer: _Peer,
+                 request_id: str, started: float, kong: Optional[Kong]) -> Any:
+        """Send ``request`` to ``service`` (``kong``: the plugins' changes to apply)."""
+        headers = request.requestHeaders
         upstream_path = match.upstream_path(service.path, path)
         target = uri.escape_path(upstream_path).encode("ascii")
         query_at = request.uri.find(b"?")
-        if query_at >= 0:
-            target += request.uri[query_at:]
-
         out = self._upstream_headers(request, route, service, match, raw_path,
                                      host, peer, request_id)
+        if kong is None:
+            if query_at >= 0:
+                target += request.uri[query_at:]
+        else:
+            if kong.upstream_path is not None:
+                target = kong.upstream_path
+            if kong.upstream_query is not None:
+                if kong.upstream_query:
+                    target += b"?" + kong.upstream_query
+            elif query_at >= 0:
+                target += request.uri[query_at:]
+            changes = kong.upstream_headers
+            if changes:
+                out = [(n, v) for (n, v) in out if n.lower() not in changes]
+                out.extend(change for change in changes.values() if change is not None)
         stream = request.stream
         if stream is not None:
             body: Any = stream
@@ -535,7 +660,7 @@ class GatewayResource(ReverseProxyResource):
         if self.settings.allow_debug_header and headers.getRawHeaders(b"kong-debug"):
             self._debug_headers(request, route, service)
         exchange = _Exchange(
-            self, request, service, started, request_id,
+            self, request, service, started, request_id, kong,
             dict(
                 scheme=service.protocol,
                 host=service.host,

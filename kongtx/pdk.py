@@ -1,0 +1,377 @@
+"""The object plugins talk to: a small, Python-shaped subset of Kong's PDK.
+
+One :class:`Kong` is created per proxied request that has plugins to run (a
+request without plugins creates none). Its parts mirror Kong's names:
+``kong.request``, ``kong.client``, ``kong.service.request``, ``kong.response``,
+``kong.ctx.shared``, ``kong.router``, ``kong.log`` and ``kong.node``. Strings
+are ``str`` (header values decoded as latin-1, paths as sent on the wire).
+See ``docs/plugins.md`` for the list of methods.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from urllib.parse import parse_qsl, urlencode
+
+from twisted.logger import Logger
+
+__all__ = ["Kong"]
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+_HeaderValue = Union[str, List[str]]
+
+
+def _one_or_list(values: List[str]) -> _HeaderValue:
+    return values[0] if len(values) == 1 else values
+
+
+class Request:
+    """``kong.request``: the request as the client sent it."""
+
+    __slots__ = ("_kong", "_query")
+
+    def __init__(self, kong: "Kong") -> None:
+        self._kong = kong
+        self._query: Optional[List[Tuple[str, str]]] = None
+
+    def get_method(self) -> str:
+        return self._kong._request.method.decode("ascii")
+
+    def get_scheme(self) -> str:
+        return self._kong.scheme
+
+    def get_path(self) -> str:
+        """The normalised path (what the router matched)."""
+        return self._kong.path
+
+    def get_raw_path(self) -> str:
+        """The path exactly as sent (percent-encoded, not normalised)."""
+        return self._kong._request.path.decode("latin-1")
+
+    def get_header(self, name: str) -> Optional[str]:
+        """The first value of header ``name`` (case-insensitive), or ``None``."""
+        values = self._kong._request.requestHeaders.getRawHeaders(name.encode("latin-1"))
+        return values[0].decode("latin-1") if values else None
+
+    def get_headers(self) -> Dict[str, _HeaderValue]:
+        """Every header by lower-case name: a string, or a list when repeated."""
+        return {
+            name.decode("latin-1").lower(): _one_or_list([v.decode("latin-1") for v in values])
+            for name, values in self._kong._request.requestHeaders.getAllRawHeaders()
+        }
+
+    def get_raw_query(self) -> str:
+        uri = self._kong._request.uri
+        at = uri.find(b"?")
+        return uri[at + 1:].decode("latin-1") if at >= 0 else ""
+
+    def _pairs(self) -> List[Tuple[str, str]]:
+        if self._query is None:
+            self._query = parse_qsl(self.get_raw_query(), keep_blank_values=True,
+                                    encoding="latin-1")
+        return self._query
+
+    def get_query_arg(self, name: str) -> Optional[str]:
+        """The first value of query argument ``name`` (``""`` for ``?name``), or ``None``."""
+        for key, value in self._pairs():
+            if key == name:
+                return value
+        return None
+
+    def get_query(self) -> Dict[str, _HeaderValue]:
+        """Every query argument: a string, or a list when repeated."""
+        found: Dict[str, List[str]] = {}
+        for key, value in self._pairs():
+            found.setdefault(key, []).append(value)
+        return {key: _one_or_list(values) for key, values in found.items()}
+
+    def get_raw_body(self) -> Optional[bytes]:
+        """The buffered body (``b""`` if none), or ``None`` while it is streamed."""
+        request = self._kong._request
+        if getattr(request, "stream", None) is not None:
+            return None
+        content = request.content
+        position = content.tell()
+        content.seek(0, 0)
+        body = content.read()
+        content.seek(position, 0)
+        return body
+
+    def get_body(self) -> Any:
+        """The buffered body parsed by its Content-Type (JSON or form), else ``None``."""
+        raw = self.get_raw_body()
+        if not raw:
+            return None
+        ctype = (self.get_header("content-type") or "").lower()
+        try:
+            if "json" in ctype:
+                return json.loads(raw.decode("utf-8"))
+            if ctype.startswith("application/x-www-form-urlencoded"):
+                found: Dict[str, List[str]] = {}
+                for key, value in parse_qsl(raw.decode("utf-8"), keep_blank_values=True):
+                    found.setdefault(key, []).append(value)
+                return {key: _one_or_list(values) for key, values in found.items()}
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return None
+
+
+class Client:
+    """``kong.client``: who is calling, and who they turned out to be."""
+
+    __slots__ = ("_kong",)
+
+    def __init__(self, kong: "Kong") -> None:
+        self._kong = kong
+
+    def get_ip(self) -> Optional[str]:
+        """The address of the peer connected to kongtx."""
+        return self._kong._peer.remote
+
+    def get_forwarded_ip(self) -> Optional[str]:
+        """The client address after ``real_ip_header`` from trusted peers."""
+        kong = self._kong
+        peer = kong._peer
+        if peer.trusted:
+            values = kong._request.requestHeaders.getRawHeaders(kong._real_ip_header)
+            if values:
+                candidate = values[-1].split(b",")[-1].strip().decode("latin-1")
+                if candidate:
+                    return candidate
+        return peer.remote
+
+    def authenticate(self, consumer: Optional[Mapping[str, Any]],
+                     credential: Optional[Mapping[str, Any]]) -> None:
+        """Set the authenticated consumer and credential (rows; either may be None).
+
+        The configurations of the plugins that run after this one are resolved
+        again with this consumer (Kong's consumer-scoped plugins).
+        """
+        if consumer is None and credential is None:
+            raise ValueError("either credential or consumer must be provided")
+        kong = self._kong
+        kong.consumer = consumer
+        kong.credential = credential
+        kong.consumer_changed = True
+
+    def get_consumer(self) -> Optional[Mapping[str, Any]]:
+        return self._kong.consumer
+
+    def get_credential(self) -> Optional[Mapping[str, Any]]:
+        return self._kong.credential
+
+
+class ServiceRequest:
+    """``kong.service.request``: changes to the request sent upstream."""
+
+    __slots__ = ("_kong",)
+
+    def __init__(self, kong: "Kong") -> None:
+        self._kong = kong
+
+    def set_header(self, name: str, value: Any) -> None:
+        """Replace every value of header ``name`` with ``value``."""
+        self._kong.upstream_headers[name.lower().encode("latin-1")] = (
+            name.encode("latin-1"), str(value).encode("latin-1"))
+
+    def clear_header(self, name: str) -> None:
+        """Do not send header ``name`` upstream."""
+        self._kong.upstream_headers[name.lower().encode("latin-1")] = None
+
+    def set_path(self, path: str) -> None:
+        """Send ``path`` (already escaped, starting with ``/``) instead of the routed path."""
+        if not path.startswith("/"):
+            raise ValueError("path must start with /")
+        self._kong.upstream_path = path.encode("latin-1")
+
+    def set_raw_query(self, query: str) -> None:
+        """Send ``query`` (without ``?``) as the query string."""
+        self._kong.upstream_query = query.encode("latin-1")
+
+    def set_query(self, args: Mapping[str, Any]) -> None:
+        """Send ``args`` (values: strings or lists of strings) as the query string."""
+        self.set_raw_query(urlencode(
+            [(k, v) for k, vs in args.items()
+             for v in (vs if isinstance(vs, (list, tuple)) else [vs])]))
+
+
+class Service:
+    """``kong.service``."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, kong: "Kong") -> None:
+        self.request = ServiceRequest(kong)
+
+
+class Response:
+    """``kong.response``: the response to the client.
+
+    Before ``header_filter`` (in ``rewrite``/``access``), header changes are kept
+    and applied over the upstream's (or the exit's) headers.
+    """
+
+    __slots__ = ("_kong", "_pending")
+
+    def __init__(self, kong: "Kong") -> None:
+        self._kong = kong
+        self._pending: Optional[List[Tuple[str, bytes, Optional[bytes]]]] = []
+
+    def exit(self, status: int, body: Any = None,
+             headers: Optional[Mapping[str, Any]] = None) -> None:
+        """Answer the client now (rewrite/access only): the remaining access
+        plugins and the upstream are skipped. A dict or list body is sent as
+        JSON. Call it as ``return kong.response.exit(...)``."""
+        self._kong.exited = (int(status), body, dict(headers or {}))
+
+    def _op(self, op: str, name: str, value: Optional[Any]) -> None:
+        raw_name = name.encode("latin-1")
+        raw_value = None if value is None else str(value).encode("latin-1")
+        pending = self._pending
+        if pending is not None:
+            pending.append((op, raw_name, raw_value))
+            return
+        headers = self._kong._request.responseHeaders
+        if op == "set":
+            headers.setRawHeaders(raw_name, [raw_value])
+        elif op == "add":
+            headers.addRawHeader(raw_name, raw_value)
+        else:
+            headers.removeHeader(raw_name)
+
+    def set_header(self, name: str, value: Any) -> None:
+        self._op("set", name, value)
+
+    def add_header(self, name: str, value: Any) -> None:
+        self._op("add", name, value)
+
+    def clear_header(self, name: str) -> None:
+        self._op("clear", name, None)
+
+    def get_header(self, name: str) -> Optional[str]:
+        values = self._kong._request.responseHeaders.getRawHeaders(name.encode("latin-1"))
+        return values[0].decode("latin-1") if values else None
+
+    def get_headers(self) -> Dict[str, _HeaderValue]:
+        return {
+            name.decode("latin-1").lower(): _one_or_list([v.decode("latin-1") for v in values])
+            for name, values in self._kong._request.responseHeaders.getAllRawHeaders()
+        }
+
+    def get_status(self) -> int:
+        return self._kong._request.code
+
+    def _apply(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending:
+            for op, name, value in pending:
+                self._op(op, name.decode("latin-1"),
+                         None if value is None else value.decode("latin-1"))
+
+
+class Ctx:
+    """``kong.ctx``: ``shared`` is one dict per request for every plugin."""
+
+    __slots__ = ("shared",)
+
+    def __init__(self) -> None:
+        self.shared: Dict[str, Any] = {}
+
+
+class Router:
+    """``kong.router``: the matched route and its service, as rows."""
+
+    __slots__ = ("_kong",)
+
+    def __init__(self, kong: "Kong") -> None:
+        self._kong = kong
+
+    def get_route(self) -> Optional[Mapping[str, Any]]:
+        kong = self._kong
+        return kong.index.routes.get(kong.route_id)
+
+    def get_service(self) -> Optional[Mapping[str, Any]]:
+        kong = self._kong
+        return kong.index.services.get(kong.service_id) if kong.service_id else None
+
+
+class Node:
+    """``kong.node``."""
+
+    __slots__ = ("_id",)
+
+    def __init__(self, node_id: str) -> None:
+        self._id = node_id
+
+    def get_id(self) -> str:
+        return self._id
+
+
+_NO_NODE = Node("")
+_DEFAULT_LOG = Logger(namespace="kongtx.plugins")
+
+
+class Kong:
+    """Everything a plugin sees of one request (the pipeline reads its outcome).
+
+    ``exited`` is ``(status, body, headers)`` once a plugin called
+    ``kong.response.exit``; ``failed`` is true once a plugin raised.
+    """
+
+    __slots__ = (
+        "_request", "_peer", "_real_ip_header", "scheme", "path", "request_id",
+        "index", "chain", "route_id", "service_id",
+        "request", "client", "service", "response", "ctx", "router", "log", "node",
+        "consumer", "credential", "consumer_changed", "exited", "failed",
+        "upstream_headers", "upstream_path", "upstream_query",
+    )
+
+    def __init__(self, request: Any, *, peer: Any, scheme: str, path: str,
+                 request_id: str, index: Any, chain: Any, route_id: Optional[str],
+                 service_id: Optional[str], node: Optional[Node] = None,
+                 real_ip_header: bytes = b"x-real-ip") -> None:
+        self._request = request
+        self._peer = peer
+        self._real_ip_header = real_ip_header
+        self.scheme = scheme
+        self.path = path
+        self.request_id = request_id
+        self.index = index
+        self.chain = chain
+        self.route_id = route_id
+        self.service_id = service_id
+        self.request = Request(self)
+        self.client = Client(self)
+        self.service = Service(self)
+        self.response = Response(self)
+        self.ctx = Ctx()
+        self.router = Router(self)
+        self.log: Logger = _DEFAULT_LOG
+        self.node = node or _NO_NODE
+        self.consumer: Optional[Mapping[str, Any]] = None
+        self.credential: Optional[Mapping[str, Any]] = None
+        self.consumer_changed = False
+        self.exited: Optional[Tuple[int, Any, Dict[str, Any]]] = None
+        self.failed = False
+        self.upstream_headers: Dict[bytes, Optional[Tuple[bytes, bytes]]] = {}
+        self.upstream_path: Optional[bytes] = None
+        self.upstream_query: Optional[bytes] = None
+
+    def apply_response_headers(self) -> None:
+        """Apply the header changes made before the response existed (the
+        pipeline calls this before ``header_filter``)."""
+        self.response._apply()
+
+    def exit_body(self) -> Tuple[bytes, Optional[bytes]]:
+        """The exit's body as bytes, and its default Content-Type (if any)."""
+        assert self.exited is not None
+        body = self.exited[1]
+        if body is None:
+            return b"", None
+        if isinstance(body, bytes):
+            return body, None
+        if isinstance(body, str):
+            return body.encode("utf-8"), None
+        return json.dumps(body).encode("utf-8"), JSON_TYPE
