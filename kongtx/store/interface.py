@@ -260,6 +260,21 @@ class IStore(Interface):
         All or nothing.
         """
 
+    def increment(
+        counter_key: str, window_start: int, ttl: int, amount: int = 1, limit: Optional[int] = None
+    ) -> Any:
+        """Atomically adds ``amount`` to the counter (``counter_key``, ``window_start``).
+
+        A missing counter starts at 0; it may be forgotten ``ttl`` seconds after
+        ``window_start``. Fires with the new value. With ``limit``, the addition
+        is refused when the new value would exceed it: the counter is unchanged
+        and the Deferred fires with a value greater than ``limit`` (check and
+        add are one atomic step, so with a limit of N exactly N additions of 1
+        succeed per counter, whatever the concurrency and across every node of
+        a shared database). A negative ``amount`` with no ``limit`` takes back
+        an earlier addition. Used by the rate-limiting ``cluster`` policy.
+        """
+
     def add_listener(callback: Callable[[ChangeEvent], Any]) -> None:
         """Calls ``callback(event)`` on the reactor thread after each committed change.
 

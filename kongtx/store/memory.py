@@ -71,6 +71,56 @@ def notify(listeners: List[Callable[[ChangeEvent], Any]], events: List[ChangeEve
                 )
 
 
+class Counters:
+    """Windowed counters in a dict, checked and added in one synchronous step.
+
+    Used by :class:`MemoryStore` and by the rate-limiting ``local`` policy. A
+    counter expires ``ttl`` seconds after its window starts; expired counters
+    are swept every :attr:`SWEEP_EVERY` additions (the newest window start seen
+    stands for "now", so nothing is swept early).
+    """
+
+    SWEEP_EVERY = 1000
+
+    def __init__(self) -> None:
+        self.values: Dict[Tuple[str, int], List[int]] = {}
+        self._latest = 0
+        self._since_sweep = 0
+
+    def get(self, counter_key: str, window_start: int) -> int:
+        """The counter's value (0 when absent)."""
+        found = self.values.get((counter_key, window_start))
+        return found[0] if found is not None else 0
+
+    def increment(
+        self, counter_key: str, window_start: int, ttl: int, amount: int = 1,
+        limit: Optional[int] = None,
+    ) -> int:
+        """Adds ``amount`` unless the result would exceed ``limit``; see ``IStore.increment``."""
+        key = (counter_key, window_start)
+        found = self.values.get(key)
+        value = (found[0] if found is not None else 0) + amount
+        if limit is not None and value > limit:
+            return value
+        if found is None:
+            self.values[key] = [value, window_start + ttl]
+            self._maybe_sweep(window_start)
+        else:
+            found[0] = value
+        return value
+
+    def _maybe_sweep(self, window_start: int) -> None:
+        if window_start > self._latest:
+            self._latest = window_start
+        self._since_sweep += 1
+        if self._since_sweep < self.SWEEP_EVERY:
+            return
+        self._since_sweep = 0
+        latest = self._latest
+        for key in [k for k, (_, expires) in self.values.items() if expires < latest]:
+            del self.values[key]
+
+
 class _Table:
     """One entity's rows and indexes."""
 
@@ -212,6 +262,7 @@ class MemoryStore:
             name: _Table(meta) for name, meta in entities.items()
         }
         self._listeners: List[Callable[[ChangeEvent], Any]] = []
+        self._counters = Counters()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -304,6 +355,19 @@ class MemoryStore:
             raise
         notify(self._listeners, txn.events)
         return True
+
+    # -- counters ---------------------------------------------------------------
+
+    @_fired
+    def increment(
+        self,
+        counter_key: str,
+        window_start: int,
+        ttl: int,
+        amount: int = 1,
+        limit: Optional[int] = None,
+    ) -> int:
+        return self._counters.increment(counter_key, window_start, ttl, amount, limit)
 
     # -- listeners --------------------------------------------------------------
 

@@ -66,6 +66,17 @@ NOT_STARTED = "the SQLite store is not started"
 NEWER_SCHEMA = "database schema version {found} is newer than this kongtx supports ({ours})"
 MISSING_COLUMN = "table '{table}' has no column '{column}': the database needs a migration"
 
+#: The rate-limiting counters (``IStore.increment``), beside the entity tables.
+COUNTERS_TABLE = "ratelimiting_counters"
+COUNTERS_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {COUNTERS_TABLE} ("
+    "key TEXT NOT NULL, window_start INTEGER NOT NULL, value INTEGER NOT NULL, "
+    "expires_at INTEGER NOT NULL, PRIMARY KEY (key, window_start))",
+    f"CREATE INDEX IF NOT EXISTS {COUNTERS_TABLE}_expires_idx ON {COUNTERS_TABLE} (expires_at)",
+)
+#: Expired counters are deleted after this many new counters.
+SWEEP_EVERY = 1000
+
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_COLUMNS = ("id", "doc", "cache_key")
 
@@ -210,6 +221,7 @@ class SQLiteStore:
         self._trigger: Any = None
         # Touched only on the pool's thread.
         self._conn: Optional[sqlite3.Connection] = None
+        self._since_sweep = 0
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -327,6 +339,20 @@ class SQLiteStore:
             return defer.fail()
         return defer.Deferred.fromCoroutine(self._transact(self._delete_root, entity, id))
 
+    # -- counters ---------------------------------------------------------------
+
+    def increment(
+        self,
+        counter_key: str,
+        window_start: int,
+        ttl: int,
+        amount: int = 1,
+        limit: Optional[int] = None,
+    ) -> defer.Deferred[int]:
+        """Adds to a counter in one ``BEGIN IMMEDIATE`` transaction; see ``IStore.increment``."""
+        return self._call(self._increment, counter_key, int(window_start), int(ttl),
+                          int(amount), limit)
+
     # -- listeners --------------------------------------------------------------
 
     def add_listener(self, callback: Callable[[ChangeEvent], Any]) -> None:
@@ -388,6 +414,8 @@ class SQLiteStore:
                 raise StoreError(NEWER_SCHEMA.format(found=version, ours=SCHEMA_VERSION))
             conn.execute("BEGIN IMMEDIATE")
             try:
+                for statement in COUNTERS_DDL:
+                    conn.execute(statement)
                 for table in self._tables.values():
                     for statement in table.ddl():
                         conn.execute(statement)
@@ -405,6 +433,42 @@ class SQLiteStore:
             conn.close()
             raise
         self._conn = conn
+
+    def _increment(
+        self, conn: sqlite3.Connection, key: str, window_start: int, ttl: int, amount: int,
+        limit: Optional[int],
+    ) -> int:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = conn.execute(
+                f"SELECT value FROM {COUNTERS_TABLE} WHERE key = ? AND window_start = ?",
+                (key, window_start),
+            ).fetchone()
+            value = (found[0] if found is not None else 0) + amount
+            if limit is None or value <= limit:
+                if found is None:
+                    conn.execute(
+                        f"INSERT INTO {COUNTERS_TABLE} (key, window_start, value, expires_at) "
+                        "VALUES (?, ?, ?, ?)",
+                        (key, window_start, value, window_start + ttl),
+                    )
+                    self._since_sweep += 1
+                    if self._since_sweep >= SWEEP_EVERY:
+                        self._since_sweep = 0
+                        conn.execute(
+                            f"DELETE FROM {COUNTERS_TABLE} WHERE expires_at < ?", (window_start,)
+                        )
+                else:
+                    conn.execute(
+                        f"UPDATE {COUNTERS_TABLE} SET value = ? WHERE key = ? AND window_start = ?",
+                        (value, key, window_start),
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return value
 
     def _close(self, _: Any = None) -> None:
         conn, self._conn = self._conn, None

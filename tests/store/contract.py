@@ -766,3 +766,49 @@ class StoreContract:
         assert [r["id"] for r in await store.all("consumers")] == ids
         rows, offset = await store.page("consumers", 1000)
         assert [r["id"] for r in rows] == ids and offset is None
+
+    # -- counters (IStore.increment, the rate-limiting cluster policy) ---------------
+
+    async def _counters_ready(self, store: Any) -> None:
+        """Postgres contract schemas are bootstrapped with test-only migrations: add 0004."""
+        settings = getattr(store, "settings", None)
+        if settings is None:
+            return
+        from twisted.internet import reactor
+
+        from kongtx.store import migrations
+        from kongtx.store.migrations.v0004_ratelimiting_counters import MIGRATION
+
+        await migrations.up(settings, reactor, [MIGRATION])
+
+    @pytest_twisted.ensureDeferred
+    async def test_increment_counts_per_key_and_window(self, store: Any) -> None:
+        """increment fires with the new value; keys and window starts count separately."""
+        await self._counters_ready(store)
+        assert await store.increment("k", 60, 120) == 1
+        assert await store.increment("k", 60, 120) == 2
+        assert await store.increment("k", 60, 120, 5) == 7
+        assert await store.increment("k", 120, 120) == 1
+        assert await store.increment("other", 60, 120) == 1
+        assert await store.increment("k", 60, 120, -1) == 6
+
+    @pytest_twisted.ensureDeferred
+    async def test_increment_refuses_past_the_limit(self, store: Any) -> None:
+        """With a limit, an addition that would exceed it fires > limit and changes nothing."""
+        await self._counters_ready(store)
+        assert [await store.increment("k", 0, 60, 1, 2) for _ in range(4)][:2] == [1, 2]
+        assert await store.increment("k", 0, 60, 1, 2) > 2
+        assert await store.increment("k", 0, 60, 1, None) == 3
+        assert await store.increment("fresh", 0, 60, 3, 2) > 2
+        assert await store.increment("fresh", 0, 60, 2, 2) == 2
+
+    @pytest_twisted.ensureDeferred
+    async def test_concurrent_increments_admit_exactly_the_limit(self, store: Any) -> None:
+        """200 concurrent additions against a limit of 50: exactly 50 succeed, values 1..50."""
+        await self._counters_ready(store)
+        results = await defer.gatherResults(
+            [store.increment("busy", 3600, 7200, 1, 50) for _ in range(200)]
+        )
+        admitted = sorted(v for v in results if v <= 50)
+        assert admitted == list(range(1, 51))
+        assert await store.increment("busy", 3600, 7200, 0) == 50
