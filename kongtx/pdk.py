@@ -62,6 +62,11 @@ class Request:
             for name, values in self._kong._request.requestHeaders.getAllRawHeaders()
         }
 
+    def get_header_values(self, name: str) -> List[str]:
+        """Every value of header ``name`` (case-insensitive), in order; ``[]`` if absent."""
+        values = self._kong._request.requestHeaders.getRawHeaders(name.encode("latin-1"))
+        return [v.decode("latin-1") for v in values] if values else []
+
     def get_raw_query(self) -> str:
         uri = self._kong._request.uri
         at = uri.find(b"?")
@@ -196,6 +201,18 @@ class ServiceRequest:
             [(k, v) for k, vs in args.items()
              for v in (vs if isinstance(vs, (list, tuple)) else [vs])]))
 
+    def set_raw_body(self, body: bytes) -> None:
+        """Send ``body`` upstream instead of the buffered request body (its
+        Content-Length follows). Not possible while the body is streamed."""
+        request = self._kong._request
+        if getattr(request, "stream", None) is not None:
+            raise ValueError("the request body is streamed")
+        content = request.content
+        content.seek(0, 0)
+        content.truncate()
+        content.write(body)
+        content.seek(0, 0)
+
 
 class Service:
     """``kong.service``."""
@@ -298,12 +315,14 @@ class Router:
 
 
 class Node:
-    """``kong.node``."""
+    """``kong.node``; ``cache`` is the node's :class:`kongtx.cache.EntityCache`
+    (``None`` until the service wires one), served to plugins as ``kong.cache``."""
 
-    __slots__ = ("_id",)
+    __slots__ = ("_id", "cache")
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, cache: Any = None) -> None:
         self._id = node_id
+        self.cache = cache
 
     def get_id(self) -> str:
         return self._id
@@ -358,6 +377,11 @@ class Kong:
         self.upstream_headers: Dict[bytes, Optional[Tuple[bytes, bytes]]] = {}
         self.upstream_path: Optional[bytes] = None
         self.upstream_query: Optional[bytes] = None
+
+    @property
+    def cache(self) -> Any:
+        """``kong.cache``: the node's entity cache (``kongtx.cache.EntityCache``)."""
+        return self.node.cache
 
     def apply_response_headers(self) -> None:
         """Apply the header changes made before the response existed (the

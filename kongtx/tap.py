@@ -185,6 +185,7 @@ class KongtxService(service.MultiService):
         self.ports: List[Any] = []
         self.store: Any = None
         self.snapshots: Any = None
+        self.cache: Any = None
         self.plugins: Dict[str, type] = {}
         self.pool: Any = None
         self.proxy_site: Any = None
@@ -214,6 +215,7 @@ class KongtxService(service.MultiService):
         from kongtx.proxy.resource import GatewayResource, ProxySettings, ProxySite
         from kongtx.plugins import PluginError, load_plugins
         from kongtx.snapshot import SettledStore, SnapshotManager
+        from kongtx.cache import EntityCache
 
         config = self.config
         reactor = self.reactor
@@ -225,6 +227,12 @@ class KongtxService(service.MultiService):
         except PluginError as exc:
             raise StartupError(str(exc))
         self.store = open_store(config, reactor, node_id)
+        if "rate-limiting" in self.plugins:
+            from kongtx.plugins import rate_limiting
+
+            # The plugin's counters (local), store (cluster) and Redis clients, per node.
+            rate_limiting.install(node_id, reactor, self.store)
+            self._rate_limiting_node = node_id
         self.snapshots = SnapshotManager(
             self.store, reactor, cache_path=last_known_config_path(config),
             plugins=self.plugins,
@@ -239,8 +247,10 @@ class KongtxService(service.MultiService):
             ),
         )
         stats = ServerStats()
+        # The entity cache plugins read credentials through (``kong.cache``).
+        self.cache = EntityCache.from_config(self.store, reactor, config)
         gateway = GatewayResource(self.snapshots, self.pool, ProxySettings(config), reactor,
-                                  node_id=node_id)
+                                  node_id=node_id, cache=self.cache)
         stats.gateway = gateway
         self.proxy_site = ProxySite(
             gateway,
@@ -409,6 +419,8 @@ class KongtxService(service.MultiService):
         if self._store_retry is not None and self._store_retry.active():
             self._store_retry.cancel()
         self._store_retry = None
+        if self.cache is not None:
+            self.cache.close()
         if self.snapshots is not None:
             # Fires once the last known configuration is on disk.
             waits.append(self.snapshots.stop())
@@ -416,6 +428,11 @@ class KongtxService(service.MultiService):
             waits.append(defer.maybeDeferred(self.pool.close))
         if self.store is not None:
             waits.append(defer.maybeDeferred(self.store.stop))
+        node_id = getattr(self, "_rate_limiting_node", None)
+        if node_id is not None:
+            from kongtx.plugins import rate_limiting
+
+            rate_limiting.uninstall(node_id)
         return defer.DeferredList(waits, consumeErrors=True)
 
     def addresses(self, site: Any) -> List[Any]:

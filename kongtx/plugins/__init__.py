@@ -37,7 +37,10 @@ ERR_NOT_INSTALLED = "plugin '%s' is not installed"
 ERR_BAD_PLUGIN = "plugin '%s' could not be loaded: %s"
 
 #: Plugins shipped with kongtx: wire name -> "module:Class".
-BUNDLED: Dict[str, str] = {}
+BUNDLED: Dict[str, str] = {
+    "key-auth": "kongtx.plugins.key_auth:KeyAuthPlugin",
+    "rate-limiting": "kongtx.plugins.rate_limiting:RateLimitingPlugin",
+}
 
 #: Kong 3.10 ``BUNDLED_PLUGINS`` priorities (handler ``PRIORITY``).
 KONG_PRIORITIES: Dict[str, int] = {

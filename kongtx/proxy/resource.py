@@ -473,9 +473,9 @@ class GatewayResource(ReverseProxyResource):
 
     def __init__(self, snapshots: SnapshotManager, pool: Any, settings: ProxySettings,
                  reactor: Any, *, request_id_factory: Callable[[], str] = None,
-                 node_id: str = "") -> None:
+                 node_id: str = "", cache: Any = None) -> None:
         ReverseProxyResource.__init__(self, "", 0, b"", reactor)
-        self.node = Node(node_id)
+        self.node = Node(node_id, cache=cache)
         self.snapshots = snapshots
         self.pool = pool
         self.settings = settings
