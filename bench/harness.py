@@ -45,7 +45,18 @@ TARGETS: Tuple[Tuple[str, str], ...] = (
     ("nginx", "nginx keep-alive proxy"),
     ("stock", "twisted stock ReverseProxyResource"),
     ("kongtx", "kongtx (no plugins)"),
+    ("kongtx-plugins", "kongtx key-auth + rate-limiting (local)"),
+    ("kongtx-plugins-redis", "kongtx key-auth + rate-limiting (redis)"),
 )
+
+#: kongtx targets, and the rate-limiting policy each configures (None: no plugins).
+KONGTX_POLICIES: Dict[str, Optional[str]] = {
+    "kongtx": None,
+    "kongtx-plugins": "local",
+    "kongtx-plugins-redis": "redis",
+}
+#: The consumer's key the plugin targets send (wrk -H).
+BENCH_KEY = "bench-key-0123456789"
 TARGET_NAMES = tuple(name for name, _ in TARGETS)
 LABELS = dict(TARGETS)
 
@@ -155,12 +166,15 @@ def parse_wrk(output: str) -> WrkResult:
 
 
 def wrk_command(
-    wrk: str, port: int, threads: int, connections: int, duration: int, latency: bool = True
+    wrk: str, port: int, threads: int, connections: int, duration: int, latency: bool = True,
+    headers: Sequence[str] = (),
 ) -> List[str]:
     """The wrk command line for one run against 127.0.0.1:<port>."""
     command = [wrk, "-t%d" % threads, "-c%d" % connections, "-d%ds" % duration]
     if latency:
         command.append("--latency")
+    for header in headers:
+        command += ["-H", header]
     command.append("http://127.0.0.1:%d/" % port)
     return command
 
@@ -332,10 +346,15 @@ def ratios(measurements: Sequence[Measurement]) -> Dict[str, Optional[float]]:
     """kongtx/nginx and kongtx/stock."""
     by_name = {m.name: m for m in measurements}
     kongtx = by_name.get("kongtx")
-    return {
+    result = {
         "kongtx/nginx": ratio(kongtx, by_name.get("nginx")),
         "kongtx/stock": ratio(kongtx, by_name.get("stock")),
     }
+    for name in ("kongtx-plugins", "kongtx-plugins-redis"):
+        if name in by_name:
+            result["%s/nginx" % name] = ratio(by_name[name], by_name.get("nginx"))
+            result["%s/kongtx" % name] = ratio(by_name[name], kongtx)
+    return result
 
 
 def format_report(
@@ -802,8 +821,8 @@ class Bench:
             raise server.failure(e)
         return server
 
-    def start_kongtx(self) -> Server:
-        prefix = os.path.join(self.tmpdir, "kongtx")
+    def start_kongtx(self, name: str = "kongtx") -> Server:
+        prefix = os.path.join(self.tmpdir, name)
         os.makedirs(prefix, exist_ok=True)
         # `python -m twisted` is `twist`, which has no -n/--pidfile: run twistd itself,
         # with the interpreter under test.
@@ -814,14 +833,14 @@ class Bench:
         ]
         env = kongtx_environment(
             os.environ,
-            self.ports["kongtx"],
+            self.ports[name],
             self.ports["kongtx-admin"],
             REPO_ROOT,
             self.settings.extra_kongtx_env,
         )
-        server = self.processes.start("kongtx", command, env)
+        server = self.processes.start(name, command, env)
         admin = "http://127.0.0.1:%d" % self.ports["kongtx-admin"]
-        proxy = "http://127.0.0.1:%d/" % self.ports["kongtx"]
+        proxy = "http://127.0.0.1:%d/" % self.ports[name]
         try:
             wait_until_http(server, admin + "/", None)
             self._admin_post(admin + "/services", {
@@ -829,11 +848,24 @@ class Bench:
                 "url": "http://127.0.0.1:%d/" % self.ports["upstream"],
             })
             self._admin_post(admin + "/services/bench/routes", {"paths[]": "/"})
+            policy = KONGTX_POLICIES.get(name)
+            if policy is not None:
+                self._add_plugins(admin, policy)
             # The proxy serves from a snapshot rebuilt after the write: give it a moment.
-            wait_until_http(server, proxy, 200, timeout=10.0)
+            wait_until_http(server, proxy, 200 if policy is None else 401, timeout=10.0)
         except BenchError as e:
             raise server.failure(e)
         return server
+
+    def _add_plugins(self, admin: str, policy: str) -> None:
+        """key-auth and a rate limit that never blocks (every request still counts)."""
+        self._admin_post(admin + "/consumers", {"username": "bench"})
+        self._admin_post(admin + "/consumers/bench/key-auth", {"key": BENCH_KEY})
+        self._admin_post(admin + "/services/bench/plugins", {"name": "key-auth"})
+        form = {"name": "rate-limiting", "config.hour": "1000000000", "config.policy": policy}
+        if policy == "redis":
+            form["config.redis.host"] = "127.0.0.1"
+        self._admin_post(admin + "/services/bench/plugins", form)
 
     @staticmethod
     def _admin_post(url: str, form: Mapping[str, str]) -> None:
@@ -846,9 +878,11 @@ class Bench:
                 "POST %s answered %d: %s" % (url, status, body[:300].decode("utf-8", "replace"))
             )
 
-    def run_wrk(self, port: int, duration: int, latency: bool) -> str:
+    def run_wrk(self, port: int, duration: int, latency: bool,
+                headers: Sequence[str] = ()) -> str:
         s = self.settings
-        command = wrk_command(self.tools["wrk"], port, s.threads, s.connections, duration, latency)
+        command = wrk_command(self.tools["wrk"], port, s.threads, s.connections, duration, latency,
+                              headers)
         try:
             done = subprocess.run(
                 command,
@@ -866,10 +900,11 @@ class Bench:
 
     def measure(self, name: str, server: Server, port: int) -> Measurement:
         """The 2 s warm-up, the measured run, then the server's RSS."""
+        headers = ("apikey: %s" % BENCH_KEY,) if KONGTX_POLICIES.get(name) else ()
         log("%s: warm-up %d s" % (name, WARMUP_SECONDS))
-        self.run_wrk(port, WARMUP_SECONDS, latency=False)
+        self.run_wrk(port, WARMUP_SECONDS, latency=False, headers=headers)
         log("%s: measuring %d s" % (name, self.settings.duration))
-        output = self.run_wrk(port, self.settings.duration, latency=True)
+        output = self.run_wrk(port, self.settings.duration, latency=True, headers=headers)
         try:
             result = parse_wrk(output)
         except WrkParseError as e:
@@ -902,6 +937,8 @@ def run_targets(bench: Bench, only: Sequence[str]) -> List[Measurement]:
         "nginx": bench.start_nginx_proxy,
         "stock": bench.start_stock,
         "kongtx": bench.start_kongtx,
+        "kongtx-plugins": lambda: bench.start_kongtx("kongtx-plugins"),
+        "kongtx-plugins-redis": lambda: bench.start_kongtx("kongtx-plugins-redis"),
     }
     for name in TARGET_NAMES:
         if name not in only:
@@ -981,7 +1018,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     interrupted = False
     measurements: List[Measurement] = []
     try:
-        ports = dict(zip(("upstream", "nginx", "stock", "kongtx", "kongtx-admin"), free_ports(5)))
+        names = TARGET_NAMES + ("kongtx-admin",)
+        ports = dict(zip(names, free_ports(len(names))))
         bench = Bench(tools, settings, tmpdir, processes, ports, probe_nginx_temp_modules(tools["nginx"]))
         log("python under test: %s" % python_description(python_info))
         measurements = run_targets(bench, args.only)
