@@ -8,9 +8,11 @@ those of Kong's ``kong/db/errors.lua`` and ``kong/api/endpoints.lua``.
 from __future__ import annotations
 
 import re
+from http import HTTPStatus
 from typing import Any, Dict, List, Mapping, Optional
 
 __all__ = [
+    "reason_phrase",
     "CODES",
     "NAMES",
     "KongError",
@@ -473,3 +475,12 @@ class Unexpected(_MessageError):
 
     status = 500
     default_message = MSG_UNEXPECTED
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status`` (twisted.web's table lacks some, such
+    as 426 and 429, and would send ``Unknown Status``)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown Status"

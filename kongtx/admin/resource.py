@@ -194,7 +194,7 @@ class AdminResource(Resource):
         if gone or request.finished:
             return
         latency = int(round((self._reactor.seconds() - started) * 1000))
-        request.setResponseCode(response.status)
+        request.setResponseCode(response.status, errors.reason_phrase(response.status))
         request.setHeader(b"content-type", JSON_CONTENT_TYPE)
         request.setHeader(b"server", self._server_header)
         request.setHeader(b"x-kong-admin-latency", str(latency).encode("ascii"))

@@ -23,6 +23,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 
 from kongtx import KONG_VERSION, pipeline, uri
+from kongtx.errors import reason_phrase
 from kongtx.pdk import Kong, Node
 from kongtx.proxy import client as upstream
 from kongtx.proxy import responses
@@ -337,7 +338,7 @@ class _Exchange:
         self.tries += 1
         self.sent_at = time.monotonic()
         d = self.deferred = self.resource.pool.request(sink=self, **self.args)
-        d.addCallbacks(self._done, self._failed)
+        d.addCallbacks(self._done, self._failed).addErrback(self._crashed)
 
     # IResponseSink
     def response_started(self, status: int, reason: bytes,
@@ -453,6 +454,20 @@ class _Exchange:
         )
         self.resource.respond_error(request, status, None, request_id=self.request_id,
                                     started=self.started, upstream_error=True)
+
+    def _crashed(self, reason: failure.Failure) -> None:
+        """Last resort: a bug on the error path must not leave the request open."""
+        log.failure("unexpected error while proxying {uri!r}", reason, uri=self.request.uri)
+        request = self.request
+        if request.finished or request._disconnected:
+            return
+        if not request.startedWriting:
+            try:
+                self.resource.respond_error(request, 500, None, request_id=self.request_id)
+                return
+            except Exception:
+                log.failure("could not answer 500")
+        request.loseConnection()
 
     def cancel(self, _: Any = None) -> None:
         d = self.deferred
@@ -589,7 +604,7 @@ class GatewayResource(ReverseProxyResource):
         status, _, extra = kong.exited
         body, content_type = kong.exit_body()
         settings = self.settings
-        request.setResponseCode(status)
+        request.setResponseCode(status, reason_phrase(status))
         headers = request.responseHeaders
         headers.removeHeader(b"server")
         if settings.server_header:
@@ -838,7 +853,7 @@ class GatewayResource(ReverseProxyResource):
             default = settings.error_default_type
         content_type, body = responses.render_error(status, message, request_id,
                                                     accept_value, default)
-        request.setResponseCode(status)
+        request.setResponseCode(status, reason_phrase(status))
         headers = request.responseHeaders
         headers.removeHeader(b"server")
         if settings.server_header:

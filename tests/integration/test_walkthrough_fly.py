@@ -74,3 +74,22 @@ async def test_fly_walkthrough(node, client, upstream):
     r = await client.request("GET", proxy + "/admin-api/services/posts?apikey=" + key)
     assert r.code == 200, r.body
     assert r.json()["name"] == "posts"
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limited_answer_has_a_real_reason_phrase(node, client, upstream):
+    """429 goes out as 'Too Many Requests' (twisted.web alone says 'Unknown Status')."""
+    from twisted.internet import reactor
+
+    from tests.integration.helpers import raw_exchange
+
+    await client.request("POST", node.admin + "/services",
+                         form={"name": "s", "url": upstream.url})
+    await client.request("POST", node.admin + "/services/s/routes", form={"paths[]": "/"})
+    await client.request("POST", node.admin + "/services/s/plugins", form={
+        "name": "rate-limiting", "config.hour": "1"})
+    assert (await client.request("GET", node.proxy + "/")).code == 200
+    port = int(node.proxy.rsplit(":", 1)[1])
+    raw = await raw_exchange(reactor, "127.0.0.1", port,
+                             b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
