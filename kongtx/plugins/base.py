@@ -47,6 +47,9 @@ class BasePlugin:
     PROTOCOLS: ClassVar[Tuple[str, ...]] = ALL_PROTOCOLS
     NO_CONSUMER: ClassVar[bool] = False
     CONFIG: ClassVar[typedefs.Field] = typedefs.record([])
+    #: Write-only legacy ``config`` keys and the field path each one sets, like Kong's
+    #: deprecated ``shorthand_fields`` (``{"redis_host": ("redis", "host")}``).
+    CONFIG_SHORTHANDS: ClassVar[Mapping[str, Tuple[str, ...]]] = {}
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config

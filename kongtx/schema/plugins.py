@@ -54,9 +54,17 @@ def _consumer_field(no_consumer: bool) -> t.Field:
     return t.foreign("consumers", default=None, on_delete="cascade", eq_null=no_consumer)
 
 
+#: Plugin name -> (its ``CONFIG_SHORTHANDS``: legacy config key -> field path, and
+#: its ``CONFIG`` record, to type form strings given for a legacy key).
+_SHORTHANDS: Dict[str, Tuple[Mapping[str, Tuple[str, ...]], Any]] = {}
+
+
 def plugin_subschema(plugin: Any) -> Subschema:
     """The fields plugin class *plugin* specialises (``config``, ``protocols``, ``consumer``)."""
+    shorthands = getattr(plugin, "CONFIG_SHORTHANDS", None)
     config = getattr(plugin, "CONFIG", None)
+    if shorthands:
+        _SHORTHANDS[plugin.NAME] = (dict(shorthands), config)
     if config is None:
         config = t.record(())
     protocols = tuple(getattr(plugin, "PROTOCOLS", HTTP_PROTOCOLS))
@@ -86,15 +94,85 @@ class PluginsEntity(Entity):
 
     def validate_insert(self, data: Any, *, now: int, new_id: str) -> Row:
         """POST: as :meth:`Entity.validate_insert`; a null ``config`` gets the defaults."""
-        return Entity.validate_insert(self, _null_config(data), now=now, new_id=new_id)
+        data = _expand_shorthands(_null_config(data))
+        return Entity.validate_insert(self, data, now=now, new_id=new_id)
+
+    def validate_update(self, existing: Any, patch: Any, *, now: int) -> Row:
+        """PATCH: as :meth:`Entity.validate_update`, legacy config keys expanded."""
+        name = patch.get("name") if isinstance(patch, dict) else None
+        if name is None and isinstance(existing, dict):
+            name = existing.get("name")
+        base = existing.get("config") if isinstance(existing, dict) else None
+        return Entity.validate_update(
+            self, existing, _expand_shorthands(patch, name, base), now=now)
 
     def validate_replace(
         self, data: Any, *, now: int, id: str, created_at: Optional[int] = None
     ) -> Row:
         """PUT: as :meth:`Entity.validate_replace`; a null ``config`` gets the defaults."""
         return Entity.validate_replace(
-            self, _null_config(data), now=now, id=id, created_at=created_at
+            self, _expand_shorthands(_null_config(data)), now=now, id=id, created_at=created_at
         )
+
+
+def _typed(value: Any, field: Any) -> Any:
+    """A form string given for a legacy key, typed like the field it stands for."""
+    if not isinstance(value, str) or field is None:
+        return value
+    if field.type == "boolean" and value in ("true", "false"):
+        return value == "true"
+    if field.type == "integer" and value.isdigit():
+        return int(value)
+    if field.type == "number":
+        try:
+            return float(value) if not value.isdigit() else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _expand_shorthands(data: Any, name: Any = None, base: Any = None) -> Any:
+    """Move a plugin's legacy ``config`` keys to the fields they stand for; a value
+    given for the field itself wins. ``base`` is the stored config a PATCH applies to:
+    the record a legacy key lands in starts from its stored value."""
+    if not isinstance(data, dict):
+        return data
+    config = data.get("config")
+    if name is None:
+        name = data.get("name")
+    known = _SHORTHANDS.get(name) if isinstance(name, str) else None
+    if not known or not isinstance(config, dict):
+        return data
+    shorthands, record = known
+    hits = [key for key in config if key in shorthands]
+    if not hits:
+        return data
+    original = config
+    config = dict(config)
+    for key in hits:
+        value = config.pop(key)
+        *parents, leaf = shorthands[key]
+        target = config
+        stored = base if isinstance(base, dict) else {}
+        field = record
+        for part in parents:
+            child = target.get(part)
+            if not isinstance(child, dict):
+                child = stored.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            stored = stored.get(part) if isinstance(stored.get(part), dict) else {}
+            target[part] = child
+            target = child
+            field = field.field(part) if field is not None else None
+        leaf_field = field.field(leaf) if field is not None else None
+        given: Any = original
+        for part in parents:
+            given = given.get(part) if isinstance(given, dict) else None
+        if not (isinstance(given, dict) and leaf in given):
+            target[leaf] = _typed(value, leaf_field)
+    data = dict(data)
+    data["config"] = config
+    return data
 
 
 def _null_config(data: Any) -> Any:

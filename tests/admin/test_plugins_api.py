@@ -449,3 +449,24 @@ async def test_on_postgres_conflict_cascade_and_enabled(fresh_database: Database
     finally:
         await server.close()
         await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limiting_accepts_kongs_legacy_redis_keys() -> None:
+    """Kong's deprecated flat ``config.redis_host``/``redis_port`` still configure the
+    ``redis`` record (JSON and form bodies), and are not echoed back."""
+    from kongtx.plugins import load_plugins
+
+    async def check(s: AdminServer) -> None:
+        r = await s.request("POST", "/plugins", {"name": "rate-limiting", "config": {
+            "minute": 5, "policy": "redis", "redis_host": "10.0.0.1", "redis_port": 6380}})
+        assert r.status == 201, r.json
+        redis = r.json["config"]["redis"]
+        assert (redis["host"], redis["port"]) == ("10.0.0.1", 6380)
+        assert "redis_host" not in r.json["config"]
+        r = await s.request("PATCH", "/plugins/" + r.json["id"], {"config.redis_port": "6390"},
+                            content_type=FORM)
+        assert r.status == 200, r.json
+        assert r.json["config"]["redis"]["port"] == 6390
+
+    await with_server(check, plugins=load_plugins(["rate-limiting"]))

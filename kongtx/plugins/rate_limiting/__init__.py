@@ -115,6 +115,12 @@ class RateLimitingPlugin(BasePlugin):
     VERSION = "3.10.0"
     NO_CONSUMER = False
     CONFIG = CONFIG
+    #: Kong's deprecated flat Redis settings, still accepted on input.
+    CONFIG_SHORTHANDS = {
+        "redis_" + name: ("redis", name)
+        for name in ("host", "port", "username", "password", "database", "timeout",
+                     "ssl", "ssl_verify", "server_name")
+    }
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
