@@ -71,6 +71,20 @@ def notify(listeners: List[Callable[[ChangeEvent], Any]], events: List[ChangeEve
                 )
 
 
+class ListenerRegistry:
+    """``add_listener``/``remove_listener`` of every store; the store keeps the
+    callbacks in ``self._listeners`` and calls :func:`notify` after each commit."""
+
+    _listeners: List[Callable[[ChangeEvent], Any]]
+
+    def add_listener(self, callback: Callable[[ChangeEvent], Any]) -> None:
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[ChangeEvent], Any]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+
 class Counters:
     """Windowed counters in a dict, checked and added in one synchronous step.
 
@@ -253,7 +267,7 @@ class _Transaction:
 
 
 @implementer(IStore)
-class MemoryStore:
+class MemoryStore(ListenerRegistry):
     """An in-memory store with the semantics of every other backend."""
 
     def __init__(self, entities: Mapping[str, EntityMeta]) -> None:
@@ -370,13 +384,6 @@ class MemoryStore:
         return self._counters.increment(counter_key, window_start, ttl, amount, limit)
 
     # -- listeners --------------------------------------------------------------
-
-    def add_listener(self, callback: Callable[[ChangeEvent], Any]) -> None:
-        self._listeners.append(callback)
-
-    def remove_listener(self, callback: Callable[[ChangeEvent], Any]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
 
     # -- internals --------------------------------------------------------------
 

@@ -69,7 +69,7 @@ from kongtx.store.interface import (
     references,
     row_id,
 )
-from kongtx.store.memory import notify
+from kongtx.store.memory import ListenerRegistry, notify
 
 log = Logger()
 
@@ -522,7 +522,7 @@ class MigrationsNeeded(StoreError):
 
 
 @implementer(IStore)
-class PostgresStore:
+class PostgresStore(ListenerRegistry):
     """The shared store: rows in Postgres, changes broadcast to every node.
 
     :param entities: the entity metadata (``kongtx.schema.store_metas()``).
@@ -754,13 +754,6 @@ class PostgresStore:
         return defer.Deferred.fromCoroutine(self._with_cursor(add))
 
     # -- listeners --------------------------------------------------------------------
-
-    def add_listener(self, callback: Callable[[ChangeEvent], Any]) -> None:
-        self._listeners.append(callback)
-
-    def remove_listener(self, callback: Callable[[ChangeEvent], Any]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ from kongtx.store.interface import (
     references,
     row_id,
 )
-from kongtx.store.memory import notify
+from kongtx.store.memory import ListenerRegistry, notify
 
 #: The layout version written to ``PRAGMA user_version``.
 SCHEMA_VERSION = 1
@@ -201,7 +201,7 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 @implementer(IStore)
-class SQLiteStore:
+class SQLiteStore(ListenerRegistry):
     """An embedded store in one SQLite file; all SQL runs on a private thread."""
 
     def __init__(
@@ -354,13 +354,6 @@ class SQLiteStore:
                           int(amount), limit)
 
     # -- listeners --------------------------------------------------------------
-
-    def add_listener(self, callback: Callable[[ChangeEvent], Any]) -> None:
-        self._listeners.append(callback)
-
-    def remove_listener(self, callback: Callable[[ChangeEvent], Any]) -> None:
-        if callback in self._listeners:
-            self._listeners.remove(callback)
 
     # -- reactor-side plumbing ----------------------------------------------------
 
