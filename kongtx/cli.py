@@ -219,11 +219,36 @@ async def migrations_command(
         return 1
 
 
+def _configure_reopen_logs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--conf", default=None, help="configuration file")
+    parser.add_argument("-p", "--prefix", default=None, help="override the prefix directory")
+
+
+def _run_reopen_logs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Signal the node running in the prefix (``pids/kongtx.pid``) to reopen its log
+    files (``SIGUSR1``), e.g. from logrotate's ``postrotate``."""
+    from kongtx.logging.setup import NotRunning, signal_reopen
+
+    try:
+        config = load_config(args.conf, prefix=args.prefix)
+        pid = signal_reopen(config.prefix)
+    except (ConfigError, NotRunning) as e:
+        err.write(f"Error: {e}\n")
+        return 1
+    except OSError as e:
+        err.write(f"Error: cannot signal kongtx: {e.strerror or e}\n")
+        return 1
+    out.write(f"Log files reopened (signalled process {pid})\n")
+    return 0
+
+
 VERBS: Tuple[Verb, ...] = (
     Verb("check", "check the validity of a configuration file", _configure_check, _run_check),
     Verb("version", "print the kongtx version", _configure_version, _run_version),
     Verb("migrations", "manage database schema migrations (Postgres)",
          _configure_migrations, _run_migrations),
+    Verb("reopen-logs", "make the running node reopen its log files (after logrotate)",
+         _configure_reopen_logs, _run_reopen_logs),
 )
 
 

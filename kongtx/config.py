@@ -355,6 +355,24 @@ def _log_level(name: str, text: str) -> str:
     return text
 
 
+def _syslog_address(name: str, text: str) -> str:
+    from kongtx.logging.syslog import parse_address
+
+    try:
+        return str(parse_address(text))
+    except ValueError as exc:
+        raise ConfigError(name, str(exc))
+
+
+def _syslog_facility(name: str, text: str) -> str:
+    from kongtx.logging.syslog import FACILITIES
+
+    value = text.strip().lower()
+    if value not in FACILITIES:
+        raise ConfigError(name, f"invalid syslog facility '{text}' (expected {_or_list(list(FACILITIES))})")
+    return value
+
+
 def _worker_processes(name: str, text: str) -> str:
     if text != "auto" and not (_DIGITS.fullmatch(text) and int(text) > 0):
         raise ConfigError(name, f"must be 'auto' or a positive integer, got '{text}'")
@@ -458,6 +476,9 @@ PROPERTIES: Dict[str, Tuple[str, Parser]] = {
     "proxy_error_log": ("logs/error.log", _non_empty),
     "admin_access_log": ("logs/admin_access.log", _non_empty),
     "admin_error_log": ("logs/error.log", _non_empty),
+    # kongtx: where the ``syslog`` log target sends datagrams (see kongtx/logging).
+    "syslog_address": ("/dev/log", _syslog_address),
+    "syslog_facility": ("user", _syslog_facility),
     "plugins": ("bundled", _name_list),
     "anonymous_reports": ("on", _boolean),
     "proxy_listen": (
@@ -536,6 +557,8 @@ class Config:
     proxy_error_log: str
     admin_access_log: str
     admin_error_log: str
+    syslog_address: str
+    syslog_facility: str
     plugins: Tuple[str, ...]
     anonymous_reports: bool
     proxy_listen: Tuple[ListenSpec, ...]

@@ -190,6 +190,7 @@ class KongtxService(service.MultiService):
         self.pool: Any = None
         self.proxy_site: Any = None
         self.admin_site: Any = None
+        self.logs: Any = None
         self.ready: defer.Deferred = defer.Deferred()
         self._store_retry: Any = None
 
@@ -216,12 +217,19 @@ class KongtxService(service.MultiService):
         from kongtx.plugins import PluginError, load_plugins
         from kongtx.snapshot import SettledStore, SnapshotManager
         from kongtx.cache import EntityCache
+        from kongtx.logging.setup import LogService
+        from kongtx.plugins import syslog as syslog_plugin
 
         config = self.config
         reactor = self.reactor
         for name in config.unknown_properties:
             log.warn("unknown property '{name}' ignored", name=name)
         node_id = node_id_for(config)
+        # Access and error logs, syslog, SIGUSR1 reopening, pids/kongtx.pid.
+        # The syslog plugin sends to the same syslog as the node's own logs.
+        syslog_plugin.set_address(config.syslog_address)
+        self.logs = LogService(config, reactor)
+        self.logs.setServiceParent(self)
         try:
             self.plugins = load_plugins(config.plugins)
         except PluginError as exc:
@@ -257,7 +265,6 @@ class KongtxService(service.MultiService):
             max_body_size=config.nginx_http_client_max_body_size,
             max_headers=config.lua_max_req_headers,
             max_header_size=config.client_max_header_size,
-            logPath=_access_log_path(config, config.proxy_access_log),
         )
         admin = AdminResource(
             SettledStore(self.store, self.snapshots),
@@ -271,15 +278,9 @@ class KongtxService(service.MultiService):
             kong_version=kongtx.KONG_VERSION,
             plugins=self.plugins,
         )
-        self.admin_site = make_site(
-            admin, logPath=_access_log_path(config, config.admin_access_log)
-        )
-        for site, value in ((self.proxy_site, config.proxy_access_log),
-                            (self.admin_site, config.admin_access_log)):
-            if _access_log_path(config, value) is None:
-                # twisted.web would otherwise send every access line to the
-                # global log: "off" means no line is formatted at all.
-                site.log = _no_access_log
+        self.admin_site = make_site(admin)
+        self.logs.install_access_log(self.proxy_site, config.proxy_access_log)
+        self.logs.install_access_log(self.admin_site, config.admin_access_log)
         stats.sites = [self.proxy_site]
 
     def _listen_all(self) -> None:
@@ -447,14 +448,3 @@ def last_known_config_path(config: Config) -> Optional[str]:
         return None
     return config.prefix_path("kongtx-config.json")
 
-
-def _no_access_log(request: Any) -> None:
-    """Access logging switched off."""
-
-
-def _access_log_path(config: Config, value: str) -> Optional[str]:
-    if not value or value == "off":
-        return None
-    if value in ("/dev/stdout", "/dev/stderr"):
-        return value
-    return value if os.path.isabs(value) else config.prefix_path(value)

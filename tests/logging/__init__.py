@@ -1,0 +1,1 @@
+"""Tests of kongtx's own logs (kongtx.logging)."""
