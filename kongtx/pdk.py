@@ -11,6 +11,7 @@ See ``docs/plugins.md`` for the list of methods.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import parse_qsl, urlencode
 
@@ -344,13 +345,14 @@ class Kong:
         "index", "chain", "route_id", "service_id",
         "request", "client", "service", "response", "ctx", "router", "log", "node",
         "consumer", "credential", "consumer_changed", "exited", "failed",
-        "upstream_headers", "upstream_path", "upstream_query",
+        "upstream_headers", "upstream_path", "upstream_query", "started",
     )
 
     def __init__(self, request: Any, *, peer: Any, scheme: str, path: str,
                  request_id: str, index: Any, chain: Any, route_id: Optional[str],
                  service_id: Optional[str], node: Optional[Node] = None,
-                 real_ip_header: bytes = b"x-real-ip") -> None:
+                 real_ip_header: bytes = b"x-real-ip",
+                 started: Optional[float] = None) -> None:
         self._request = request
         self._peer = peer
         self._real_ip_header = real_ip_header
@@ -377,6 +379,8 @@ class Kong:
         self.upstream_headers: Dict[bytes, Optional[Tuple[bytes, bytes]]] = {}
         self.upstream_path: Optional[bytes] = None
         self.upstream_query: Optional[bytes] = None
+        #: ``time.monotonic()`` when the request started (for the log serializer).
+        self.started = time.monotonic() if started is None else started
 
     @property
     def cache(self) -> Any:

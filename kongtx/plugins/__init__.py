@@ -40,6 +40,9 @@ ERR_BAD_PLUGIN = "plugin '%s' could not be loaded: %s"
 BUNDLED: Dict[str, str] = {
     "key-auth": "kongtx.plugins.key_auth:KeyAuthPlugin",
     "rate-limiting": "kongtx.plugins.rate_limiting:RateLimitingPlugin",
+    "syslog": "kongtx.plugins.syslog:SyslogPlugin",
+    "file-log": "kongtx.plugins.file_log:FileLogPlugin",
+    "http-log": "kongtx.plugins.http_log:HttpLogPlugin",
 }
 
 #: Kong 3.10 ``BUNDLED_PLUGINS`` priorities (handler ``PRIORITY``).

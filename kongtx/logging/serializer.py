@@ -1,0 +1,266 @@
+"""Kong's JSON log record (``kong.log.serialize()``) for one proxied request.
+
+The logging plugins (syslog, file-log, http-log) call :func:`note_upstream` in
+their ``header_filter`` phase (the moment the upstream's response headers are
+known: what was sent upstream, when, and how many tries it took) and
+:func:`serialize` in their ``log`` phase. The record has Kong's shape::
+
+    {"request": {"id", "uri", "url", "querystring", "method", "headers", "size", "tls"},
+     "upstream_uri", "upstream_status",
+     "response": {"status", "headers", "size"},
+     "latencies": {"kong", "proxy", "request", "receive"},
+     "tries": [...], "authenticated_entity", "route", "service", "consumer",
+     "client_ip", "started_at", "source"}
+
+Keys Kong leaves out when they are ``nil`` are left out here too
+(``upstream_status`` when nothing was proxied, ``authenticated_entity`` and
+``consumer`` when nobody authenticated, ``request.tls`` over plain HTTP).
+
+Never logged: the values of ``Authorization`` and ``Proxy-Authorization``
+(``"REDACTED"``, as Kong), and, beyond Kong, the API key of a key-auth plugin
+that ran on the request: its ``key_names`` are redacted in the request headers,
+the query string and the ``uri``/``url``.
+
+Sizes are computed from what twisted.web holds: ``request.size`` is the request
+line, headers and body; ``response.size`` the status line, the headers kongtx
+set and the body bytes written (Twisted may add framing headers of its own).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional
+from urllib.parse import unquote_plus
+
+__all__ = ["REDACTED", "note_upstream", "serialize", "key_names"]
+
+REDACTED = "REDACTED"
+
+#: Request headers whose values are never logged (Kong's list).
+_SECRET_HEADERS = frozenset(("authorization", "proxy-authorization"))
+
+#: Where :func:`note_upstream` keeps its facts in ``kong.ctx.shared``.
+_UPSTREAM_KEY = "kongtx.log.upstream"
+
+
+def note_upstream(kong: Any, now: float) -> None:
+    """Record the upstream exchange of *kong*'s request, if it was proxied.
+
+    Call it from ``header_filter`` with ``time.monotonic()``: for a proxied
+    request the response headers have just come from the upstream. Several
+    plugins may call it; the first call wins. A response that did not come
+    from an upstream (``kong.response.exit``) records nothing.
+    """
+    shared = kong.ctx.shared
+    if _UPSTREAM_KEY in shared:
+        return
+    exchange = getattr(kong._request, "exchange", None)
+    if exchange is None or kong.exited is not None:
+        return
+    service = exchange.service
+    args = exchange.args
+    shared[_UPSTREAM_KEY] = {
+        "started": exchange.started,
+        "sent_at": exchange.sent_at,
+        "headers_at": now,
+        "tries": exchange.tries,
+        "ip": service.host,
+        "port": service.port,
+        "target": args.get("target", b"").decode("latin-1"),
+        "status": kong._request.code,
+    }
+
+
+def key_names(kong: Any) -> FrozenSet[str]:
+    """The key-auth ``key_names`` of the key-auth plugin in *kong*'s chain (lower-case)."""
+    chain = kong.chain
+    for config in getattr(chain, "access", ()) or ():
+        if config.name == "key-auth":
+            names = config.handler.config.get("key_names") or ()
+            return frozenset(name.lower() for name in names)
+    return frozenset()
+
+
+def _redact_query(raw: str, secret: FrozenSet[str]) -> str:
+    if not secret or not raw:
+        return raw
+    parts = raw.split("&")
+    for i, part in enumerate(parts):
+        name, eq, _ = part.partition("=")
+        if eq and unquote_plus(name).lower() in secret:
+            parts[i] = name + "=" + REDACTED
+    return "&".join(parts)
+
+
+def _redact_uri(target: str, secret: FrozenSet[str]) -> str:
+    path, qmark, raw = target.partition("?")
+    return path + qmark + _redact_query(raw, secret) if qmark else target
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(round(seconds * 1000)))
+
+
+def _tls(request: Any) -> Optional[Dict[str, Any]]:
+    if not request.isSecure():
+        return None
+    info: Dict[str, Any] = {"version": None, "cipher": None, "client_verify": "NONE"}
+    try:
+        handle = request.channel.transport.getHandle()
+        info["version"] = handle.get_protocol_version_name()
+        info["cipher"] = handle.get_cipher_name()
+    except Exception:  # not a pyOpenSSL connection: keep what we know
+        pass
+    return info
+
+
+def _request_size(request: Any) -> int:
+    size = len(request.method) + len(request.uri) + len(request.clientproto or b"") + 4
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        for value in values:
+            size += len(name) + len(value) + 4
+    size += 2
+    stream = getattr(request, "stream", None)
+    if stream is not None:
+        size += stream.length or 0
+    else:
+        content = request.content
+        if content is not None:
+            position = content.tell()
+            content.seek(0, 2)
+            size += content.tell()
+            content.seek(position, 0)
+    return size
+
+
+def _response_size(request: Any) -> int:
+    size = 9 + 3 + 1 + len(request.code_message or b"") + 2
+    for name, values in request.responseHeaders.getAllRawHeaders():
+        for value in values:
+            size += len(name) + len(value) + 4
+    return size + 2 + request.sentLength
+
+
+def _headers(pairs: Any, secret: FrozenSet[str] = frozenset()) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for raw_name, raw_values in pairs:
+        name = raw_name.decode("latin-1").lower()
+        if name in _SECRET_HEADERS or name in secret:
+            out[name] = REDACTED
+            continue
+        values = [v.decode("latin-1") for v in raw_values]
+        out[name] = values[0] if len(values) == 1 else values
+    return out
+
+
+def _querystring(raw: str, secret: FrozenSet[str]) -> Dict[str, Any]:
+    """Kong's ``get_query()``: ``?a`` is ``true``, a repeated name a list."""
+    found: Dict[str, List[Any]] = {}
+    if raw:
+        for part in raw.split("&"):
+            if not part:
+                continue
+            name, eq, value = part.partition("=")
+            key = unquote_plus(name)
+            if key.lower() in secret:
+                found.setdefault(key, []).append(REDACTED)
+                continue
+            found.setdefault(key, []).append(unquote_plus(value) if eq else True)
+    return {k: (v[0] if len(v) == 1 else v) for k, v in found.items()}
+
+
+def _authenticated_entity(credential: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    if credential is None:
+        return None
+    consumer = credential.get("consumer")
+    consumer_id = consumer.get("id") if isinstance(consumer, Mapping) else consumer
+    entity: Dict[str, Any] = {"id": credential.get("id")}
+    if consumer_id is not None:
+        entity["consumer_id"] = consumer_id
+    return entity
+
+
+def serialize(kong: Any, *, now: float, wall: float) -> Dict[str, Any]:
+    """Kong's log record of *kong*'s finished request.
+
+    :param now: ``time.monotonic()`` in the log phase (the response is finished).
+    :param wall: ``time.time()`` at the same instant (for ``started_at``).
+    :returns: a dict ready for ``json.dumps``.
+    """
+    request = kong._request
+    secret = key_names(kong)
+    uri = request.uri.decode("latin-1")
+    raw_query = uri.partition("?")[2]
+    uri = _redact_uri(uri, secret)
+    host = kong.request.get_header("host") or ""
+    if host and ":" not in host.rsplit("]", 1)[-1]:
+        host = "%s:%d" % (host, request.getHost().port)
+    elif not host:
+        host = "%s:%d" % (request.getHost().host, request.getHost().port)
+    started = kong.started
+    upstream = kong.ctx.shared.get(_UPSTREAM_KEY)
+    total = now - started
+    if upstream is not None:
+        started = upstream["started"]
+        total = now - started
+        waiting = upstream["headers_at"] - upstream["sent_at"]
+        receive = now - upstream["headers_at"]
+        before = upstream["sent_at"] - started
+        latencies = {
+            "kong": _ms(before) + _ms(receive),
+            "proxy": _ms(waiting),
+            "request": _ms(total),
+            "receive": _ms(receive),
+        }
+        started_ms = int((wall - total) * 1000)
+        tries = []
+        for i in range(upstream["tries"]):
+            attempt: Dict[str, Any] = {
+                "ip": upstream["ip"],
+                "port": upstream["port"],
+                "balancer_start": started_ms + _ms(before),
+                "balancer_latency": 0,
+            }
+            if i + 1 < upstream["tries"]:
+                attempt["state"] = "failed"
+            tries.append(attempt)
+        source = "service"
+    else:
+        latencies = {"kong": _ms(total), "proxy": -1, "request": _ms(total), "receive": 0}
+        started_ms = int((wall - total) * 1000)
+        tries = []
+        source = "exit" if kong.exited is not None else "error"
+    record: Dict[str, Any] = {
+        "request": {
+            "id": kong.request_id,
+            "uri": uri,
+            "url": "%s://%s%s" % (kong.scheme, host, uri),
+            "querystring": _querystring(raw_query, secret),
+            "method": kong.request.get_method(),
+            "headers": _headers(request.requestHeaders.getAllRawHeaders(), secret),
+            "size": _request_size(request),
+        },
+        "upstream_uri": _redact_uri(upstream["target"], secret) if upstream is not None else "",
+        "response": {
+            "status": request.code,
+            "headers": _headers(request.responseHeaders.getAllRawHeaders()),
+            "size": _response_size(request),
+        },
+        "latencies": latencies,
+        "tries": tries,
+        "route": kong.router.get_route(),
+        "service": kong.router.get_service(),
+        "client_ip": kong.client.get_forwarded_ip(),
+        "started_at": started_ms,
+        "source": source,
+    }
+    tls = _tls(request)
+    if tls is not None:
+        record["request"]["tls"] = tls
+    if upstream is not None:
+        record["upstream_status"] = str(upstream["status"])
+    entity = _authenticated_entity(kong.credential)
+    if entity is not None:
+        record["authenticated_entity"] = entity
+    if kong.consumer is not None:
+        record["consumer"] = kong.consumer
+    return record
