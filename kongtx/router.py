@@ -29,7 +29,7 @@ import attr
 from kongtx import uri
 
 __all__ = [
-    "Match", "RouteSpec", "Router", "regex_path_error", "split_port",
+    "FallbackRouter", "Match", "RouteSpec", "Router", "regex_path_error", "split_port",
     "translate_regex",
 ]
 
@@ -93,6 +93,9 @@ class RouteSpec:
     service_id: Optional[str]
     request_buffering: bool = True
     response_buffering: bool = True
+    #: A legacy 0.x API's ``https_only`` + ``http_if_terminated``: an http request
+    #: from a trusted client that says ``X-Forwarded-Proto: https`` is not redirected.
+    https_if_terminated: bool = False
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "RouteSpec":
@@ -839,3 +842,32 @@ class Router:
                 if found is not None:
                     return found
         return None
+
+
+# --------------------------------------------------------------------------
+# Routes first, then legacy APIs
+
+
+class FallbackRouter:
+    """Two routers asked in turn: Kong 0.13-0.14 matched routes, then APIs.
+
+    ``primary`` holds the routes, ``fallback`` the routes made from legacy 0.x
+    APIs; a request matched by no route is offered to the APIs. Same
+    ``select()`` signature and ``uses_headers``/``errors`` as :class:`Router`.
+    """
+
+    def __init__(self, primary: Router, fallback: Router) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.uses_headers = primary.uses_headers or fallback.uses_headers
+        self.errors = list(primary.errors) + list(fallback.errors)
+
+    def select(self, method: str, host: Optional[str], path: str,
+               scheme: str = "http",
+               headers: Optional[Mapping[str, Sequence[str]]] = None,
+               sni: Optional[str] = None) -> Optional[Match]:
+        """The route's match, else the API's, else None."""
+        match = self.primary.select(method, host, path, scheme, headers, sni)
+        if match is None:
+            match = self.fallback.select(method, host, path, scheme, headers, sni)
+        return match

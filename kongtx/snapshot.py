@@ -23,23 +23,25 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from kongtx.pipeline import EMPTY_INDEX, PluginIndex, build_plugin_index
-from kongtx.router import RouteSpec, Router
+from kongtx.router import FallbackRouter, RouteSpec, Router
+from kongtx.schema.apis import api_paths
+from kongtx.schema.services import parse_url
 from kongtx.store.interface import StoreUnavailable
 
 log = Logger()
 
 #: Entities whose rows make up the proxy's snapshot (and the file on disk).
-SNAPSHOT_ENTITIES = ("services", "routes", "plugins")
+SNAPSHOT_ENTITIES = ("services", "routes", "plugins", "apis")
 
 #: Snapshot entities a store may not know yet (read as empty if it does not).
-OPTIONAL_ENTITIES = frozenset(["plugins"])
+OPTIONAL_ENTITIES = frozenset(["plugins", "apis"])
 
 #: The ``version`` field of the last-known-configuration file this code writes and reads.
 CACHE_FORMAT_VERSION = 1
@@ -162,22 +164,109 @@ def build_snapshot(
         row["id"] for row in rows.get("services", {}).values() if row.get("enabled") is False
     }
     routes = [r for r in routes if r.service_id not in disabled]
-    router = Router(routes)
+    router: Any = Router(routes)
+    api_routes, api_route_rows, api_service_rows = _legacy_apis(rows.get("apis") or {})
+    if api_routes:
+        for row in api_service_rows.values():
+            services[row["id"]] = ServiceSpec.from_row(row)
+        router = FallbackRouter(router, Router(api_routes))
     for route_id, message in getattr(router, "errors", ()):
         log.warn("route {id} is not routable: {message}", id=route_id, message=message)
     plugin_rows = rows.get("plugins") or {}
     if plugin_rows and plugin_classes:
         plugins = build_plugin_index(
-            plugin_rows.values(),
+            [_api_scoped(row) for row in plugin_rows.values()],
             plugin_classes,
-            [(r.id, r.service_id) for r in routes],
+            [(r.id, r.service_id) for r in routes + api_routes],
             previous.plugins if previous is not None else None,
-            route_rows=dict(rows.get("routes", {})),
-            service_rows=dict(rows.get("services", {})),
+            route_rows=dict(rows.get("routes", {}), **api_route_rows),
+            service_rows=dict(rows.get("services", {}), **api_service_rows),
         )
     else:
         plugins = EMPTY_INDEX
     return Snapshot(router=router, services=services, version=version, plugins=plugins)
+
+
+# -- legacy 0.x APIs ------------------------------------------------------------------
+
+
+def api_to_rows(api: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The route row and service row a legacy API stands for. Pure.
+
+    Both take the API's id (and name), so a plugin on the API is a plugin on that
+    route + service pair. ``uris`` become ``paths`` (0.x regex URIs as ``~`` paths),
+    ``strip_uri`` is ``strip_path`` with 0.x's path joining (``v0``), ``https_only``
+    leaves only ``https`` in ``protocols`` (426 for http) and ``http_if_terminated``
+    lets a trusted ``X-Forwarded-Proto: https`` through.
+    """
+    url = parse_url(str(api["upstream_url"]))
+    protocol = str(url.get("scheme") or "http").lower()
+    port = int(url["port"]) if str(url.get("port") or "").isdigit() else _DEFAULT_PORTS[protocol]
+    https_only = bool(api.get("https_only"))
+    route = {
+        "id": api["id"],
+        "name": api.get("name"),
+        "created_at": int(api.get("created_at") or 0) // 1000,
+        "protocols": ["https"] if https_only else ["http", "https"],
+        "methods": api.get("methods"),
+        "hosts": api.get("hosts"),
+        "paths": api_paths(api.get("uris")) or None,
+        "strip_path": api.get("strip_uri") is not False,
+        "preserve_host": bool(api.get("preserve_host")),
+        "regex_priority": 0,
+        "path_handling": "v0",
+        "https_redirect_status_code": 426,
+        "service": {"id": api["id"]},
+    }
+    service = {
+        "id": api["id"],
+        "name": api.get("name"),
+        "protocol": protocol,
+        "host": url.get("host"),
+        "port": port,
+        "path": url.get("path"),
+        "retries": api.get("retries"),
+        "connect_timeout": api.get("upstream_connect_timeout"),
+        "write_timeout": api.get("upstream_send_timeout"),
+        "read_timeout": api.get("upstream_read_timeout"),
+        "enabled": True,
+    }
+    return route, service
+
+
+def _legacy_apis(
+    apis: Mapping[str, Mapping[str, Any]]
+) -> Tuple[List[RouteSpec], Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
+    """Route specs, route rows and service rows of the legacy APIs (bad rows skipped)."""
+    specs: List[RouteSpec] = []
+    route_rows: Dict[str, Dict[str, Any]] = {}
+    service_rows: Dict[str, Dict[str, Any]] = {}
+    for api in apis.values():
+        try:
+            route, service = api_to_rows(api)
+            ServiceSpec.from_row(service)
+            spec = attr.evolve(
+                RouteSpec.from_row(route),
+                https_if_terminated=bool(api.get("https_only") and api.get("http_if_terminated")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warn("skipping API {id}: {error}", id=api.get("id"), error=exc)
+            continue
+        specs.append(spec)
+        route_rows[spec.id] = route
+        service_rows[spec.id] = service
+    return specs, route_rows, service_rows
+
+
+def _api_scoped(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A plugin on a legacy API as the plugin on that API's route + service pair."""
+    api = row.get("api")
+    if not isinstance(api, dict) or api.get("id") is None:
+        return row
+    scoped = dict(row)
+    scoped["route"] = {"id": api["id"]}
+    scoped["service"] = {"id": api["id"]}
+    return scoped
 
 
 # -- the last known configuration on disk -----------------------------------------

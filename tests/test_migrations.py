@@ -151,8 +151,8 @@ async def test_reset_with_pg_schema_drops_the_schema(fresh_database: Database) -
         cur = conn.cursor()
         cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s", [settings.schema])
         # kongtx_migrations, cluster_events, services, routes, consumers, plugins,
-        # keyauth_credentials, ratelimiting_counters
-        assert cur.fetchone()[0] == 8
+        # keyauth_credentials, ratelimiting_counters, apis
+        assert cur.fetchone()[0] == 9
         assert await migrations.reset(settings, reactor) is True
         cur.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", [settings.schema])
         assert cur.fetchone()[0] == 0

@@ -246,6 +246,7 @@ def test_plugin_defaults_from_the_plugin_class() -> None:
         "protocols": ["grpc", "grpcs", "http", "https"],
         "enabled": True,
         "tags": None,
+        "api": None,
     }
 
 
@@ -358,8 +359,9 @@ def test_store_metadata() -> None:
             "route": ForeignKey("routes", "cascade"),
             "service": ForeignKey("services", "cascade"),
             "consumer": ForeignKey("consumers", "cascade"),
+            "api": ForeignKey("apis", "cascade"),
         },
-        cache_key=("name", "route", "service", "consumer"),
+        cache_key=("name", "route", "service", "consumer", "api"),
     )
 
 

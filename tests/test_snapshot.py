@@ -312,7 +312,8 @@ def test_file_round_trip_and_missing_entities(tmp_path):
     service = service_row("a")
     write_cached_config(path, {"services": [service]}, T0)
     cached = read_cached_config(path)
-    assert cached.rows == {"services": {service["id"]: service}, "routes": {}, "plugins": {}}
+    assert cached.rows == {"services": {service["id"]: service}, "routes": {}, "plugins": {},
+                           "apis": {}}
     assert cached.written_at == "2024-05-01T12:00:00Z"
 
 

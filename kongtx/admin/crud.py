@@ -24,6 +24,10 @@ __all__ = ["Crud", "is_uuid", "DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE"]
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
+#: Cache-key fields of 0.x entities (``plugins.api``): Kong 3.x has none, so a
+#: 409 body leaves them out when null.
+LEGACY_KEYS = frozenset(["api"])
+
 Row = Dict[str, Any]
 
 _log = Logger()
@@ -170,7 +174,10 @@ class Crud:
         try:
             return await method(*args)
         except store_api.UniqueViolation as exc:
-            raise errors.UniqueViolation(exc.fields) from None
+            fields = {
+                k: v for k, v in exc.fields.items() if not (k in LEGACY_KEYS and v is None)
+            }
+            raise errors.UniqueViolation(fields) from None
         except store_api.ForeignKeyViolation as exc:
             value = exc.value if isinstance(exc.value, dict) else {"id": exc.value}
             raise errors.ForeignKeyViolation.invalid_reference(

@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from kongtx import errors
-from kongtx.admin import node
+from kongtx.admin import legacy, node
 from kongtx.admin.body import METHODS_WITH_BODY, decode_body
 from kongtx.admin.crud import MAX_PAGE_SIZE, Crud, is_uuid
 from kongtx.schema import ENTITIES
@@ -145,6 +145,7 @@ class AdminResource(Resource):
         if self._plugins:
             plugins_available = available_on_server(self._plugins)
         self._crud = Crud(store, self._entities, reactor.seconds)
+        self._legacy = legacy.LegacyApis(store, self._entities, self._crud, reactor.seconds)
         self._max_body_size = max_body_size
         self._server_header = ("kong/%s" % kong_version).encode("ascii")
         self._node = node.NodeInfo(
@@ -286,6 +287,12 @@ class AdminResource(Resource):
             return None
         if segments == ["plugins", "enabled"] and "plugins" in self._entities:
             return _Route("plugins_enabled", READ_METHODS)
+        if segments[0] == legacy.ENTITY and legacy.ENTITY in self._entities:
+            found = legacy.route(segments)
+            if found is None:
+                return None
+            kind, methods, params = found
+            return _Route("legacy", methods, legacy_kind=kind, **params)
         entity = self._by_path(segments[0])
         if entity is None:
             return None
@@ -384,6 +391,13 @@ class AdminResource(Resource):
         return size, offset, size_suffix
 
     # -- handlers ------------------------------------------------------------------------
+
+    async def _handle_legacy(
+        self, request: Request, method: str, legacy_kind: str, **params: str
+    ) -> Response:
+        """The 0.x ``/apis`` URLs (:mod:`kongtx.admin.legacy`)."""
+        status, body = await self._legacy.handle(legacy_kind, request, method, self._body, **params)
+        return Response(status, body)
 
     async def _handle_root(self, request: Request, method: str) -> Response:
         body = self._node.root()

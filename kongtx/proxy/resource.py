@@ -125,6 +125,14 @@ def _ms(seconds: float) -> bytes:
     return b"%d" % (int(seconds * 1000),)
 
 
+def _terminated_https(request: Any, peer: "_Peer") -> bool:
+    """A legacy API's ``http_if_terminated``: TLS ended before us, as a trusted client says."""
+    if not peer.trusted:
+        return False
+    proto = request.requestHeaders.getRawHeaders(b"x-forwarded-proto")
+    return bool(proto) and proto[0].strip().lower() == b"https"
+
+
 def _select(router: Any, request: Any, host: Optional[str], path: str, scheme: str) -> Any:
     """Ask ``router`` for the route of ``request`` (headers only built when needed)."""
     header_map = None
@@ -529,7 +537,8 @@ class GatewayResource(ReverseProxyResource):
             return self.respond_error(request, 404, responses.NO_ROUTE,
                                       request_id=request_id, started=started)
         route = match.route
-        if match.https_redirect:
+        if match.https_redirect and not (
+                route.https_if_terminated and _terminated_https(request, peer)):
             return self._redirect_https(request, route, host, request_id, started)
         service = snapshot.services.get(route.service_id) if route.service_id else None
         if service is None:

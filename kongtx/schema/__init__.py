@@ -43,6 +43,7 @@ def store_metas() -> Dict[str, EntityMeta]:
 
 
 def _register_core() -> None:
+    from kongtx.schema.apis import APIS
     from kongtx.schema.consumers import CONSUMERS
     from kongtx.schema.keyauth_credentials import KEYAUTH_CREDENTIALS
     from kongtx.schema.plugins import PLUGINS
@@ -54,6 +55,7 @@ def _register_core() -> None:
     register(CONSUMERS)
     register(PLUGINS)
     register(KEYAUTH_CREDENTIALS)
+    register(APIS)
 
 
 _register_core()

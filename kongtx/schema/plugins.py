@@ -1,7 +1,7 @@
 """The ``plugins`` entity (Kong's ``kong/db/schema/entities/plugins.lua``).
 
 A plugin row names its plugin (``name``), its scope (``route``, ``service``,
-``consumer``: null means "any") and its ``config``.  As in Kong, ``name`` is the
+``consumer``, and the legacy 0.x ``api``: null means "any") and its ``config``.  As in Kong, ``name`` is the
 subschema key: each loaded plugin class contributes a :class:`Subschema` that
 specialises ``config`` (the class's ``CONFIG`` record, defaults filled in),
 ``protocols`` (default: the class's ``PROTOCOLS``) and, for ``NO_CONSUMER``
@@ -192,7 +192,7 @@ def with_plugins(entity: Entity, plugins: Mapping[str, Any]) -> Entity:
 PLUGINS = PluginsEntity(
     name="plugins",
     endpoint_key="instance_name",
-    cache_key=("name", "route", "service", "consumer"),
+    cache_key=("name", "route", "service", "consumer", "api"),
     subschema_key="name",
     fields=(
         ("id", t.uuid()),
@@ -207,5 +207,7 @@ PLUGINS = PluginsEntity(
         ("protocols", _protocols_field(HTTP_PROTOCOLS)),
         ("enabled", t.boolean(required=True, default=True)),
         ("tags", t.tags()),
+        # Kong 0.x: a plugin on a legacy API (``/apis/{api}/plugins``).
+        ("api", t.foreign("apis", default=None, on_delete="cascade")),
     ),
 )

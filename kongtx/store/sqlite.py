@@ -410,12 +410,19 @@ class SQLiteStore(ListenerRegistry):
                 for statement in COUNTERS_DDL:
                     conn.execute(statement)
                 for table in self._tables.values():
-                    for statement in table.ddl():
-                        conn.execute(statement)
+                    create, *indexes = table.ddl()
+                    conn.execute(create)
                     present = {r[1] for r in conn.execute(f"PRAGMA table_info({_quote(table.name)})")}
                     for column in table.required_columns():
-                        if column not in present:
+                        if column in present:
+                            continue
+                        if column in _RESERVED_COLUMNS:
                             raise StoreError(MISSING_COLUMN.format(table=table.name, column=column))
+                        # A field this release indexes (a new foreign key or unique
+                        # field): nullable, so older rows simply have none.
+                        conn.execute(f"ALTER TABLE {_quote(table.name)} ADD COLUMN {_quote(column)}")
+                    for statement in indexes:
+                        conn.execute(statement)
                 if version < SCHEMA_VERSION:
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")

@@ -140,6 +140,37 @@ async def test_new_entity_adds_a_table_to_an_existing_file(tmp_path: Any) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_new_indexed_field_adds_a_column_to_an_existing_table(tmp_path: Any) -> None:
+    """A field a later release indexes (a new foreign key, a new unique field) is added
+    to an existing table as a nullable column: the file opens, old rows stay readable
+    and the new constraint holds for new rows."""
+    path = str(tmp_path / "kong.db")
+    before = {
+        "services": EntityMeta("services", unique=("name",)),
+        "plugins": EntityMeta("plugins", foreign={"service": ForeignKey("services")}),
+    }
+    store = _store(path, before)
+    await store.start()
+    svc = await store.insert("services", {"id": "5f9a4c36-0000-4000-8000-000000000002", "name": "s"})
+    old = await store.insert("plugins", {"id": "p1", "service": ref(svc)})
+    await store.stop()
+
+    after = dict(before, plugins=EntityMeta("plugins", unique=("instance_name",), foreign={
+        "service": ForeignKey("services"), "api": ForeignKey("services", on_delete="cascade")}))
+    store = _store(path, after)
+    await store.start()
+    try:
+        assert await store.get("plugins", "p1") == old
+        await store.insert("plugins", {"id": "p2", "instance_name": "x", "service": None,
+                                       "api": ref(svc)})
+        error = await failure_of(store.insert("plugins", {
+            "id": "p3", "instance_name": "x", "service": None, "api": None}))
+        assert isinstance(error, UniqueViolation)
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_newer_schema_version_is_refused(tmp_path: Any) -> None:
     """A file written by a newer kongtx (higher user_version) is not opened."""
     path = str(tmp_path / "kong.db")
