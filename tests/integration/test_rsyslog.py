@@ -34,7 +34,13 @@ def _rsyslogd() -> str:
 
 
 class Rsyslog:
+    """rsyslogd in the foreground with the shipped rule on a temporary socket.
+
+    ``severity_log``: kong's messages are also written there as ``<severity> <msg>``
+    (a rule placed before the shipped one, which ends with ``stop``)."""
+
     def __init__(self, root: str) -> None:
+        self.severity_log = os.path.join(root, "severity.log")
         self.socket = os.path.join(root, "log.sock")
         self.kong_log = os.path.join(root, "kong.log")
         self.other_log = os.path.join(root, "other.log")
@@ -45,6 +51,10 @@ class Rsyslog:
             f.write('global(workDirectory="%s")\n' % (root,))
             f.write('module(load="imuxsock" SysSock.Use="off")\n')
             f.write('input(type="imuxsock" Socket="%s")\n' % (self.socket,))
+            f.write('template(name="severity" type="string" '
+                    'string="%syslogseverity-text% %msg%\\n")\n')
+            f.write("if $programname == 'kong' then action(type=\"omfile\" file=\"%s\" "
+                    "template=\"severity\")\n" % (self.severity_log,))
             f.write(rule)
             f.write('\n*.* action(type="omfile" file="%s")\n' % (self.other_log,))
         self.process = subprocess.Popen(

@@ -108,6 +108,27 @@ async def test_2017_walkthrough(fresh_database, tmp_path, client, upstream):
                        if "kong" in line and "/kong1" in line)
 
         await _until(lambda: _async_true(logged() >= 11), timeout=10, step=0.1)
+
+        # A 5xx is logged at err, a success at notice.
+        closed = free_port()
+        r = await client.request("POST", node.admin + "/apis", form={
+            "name": "broken", "uris": "/broken", "retries": "0",
+            "upstream_url": "http://127.0.0.1:%d" % closed})
+        assert r.code == 201, r.body
+        r = await client.request("POST", node.admin + "/apis/broken/plugins", form={
+            "name": "syslog", "config.server_errors_severity": "err",
+            "config.successful_severity": "notice", "config.log_level": "notice"})
+        assert r.code == 201, r.body
+        r = await client.request("GET", "http://127.0.0.1:%d/broken" % http_port)
+        assert r.code == 502
+
+        def severities(path: str) -> set:
+            return {line.split(" ", 1)[0] for line in _read(rsyslog.severity_log).splitlines()
+                    if path in line}
+
+        await _until(lambda: _async_true("err" in severities("/broken")), timeout=10, step=0.1)
+        assert severities("/broken") == {"err"}
+        assert "notice" in severities("/kong1")
     finally:
         if node is not None:
             node.stop()
