@@ -8,6 +8,9 @@ as in Kong.
 
 * ``local``: a dict of this node's :class:`Runtime`, checked and added in one
   synchronous step on the reactor thread (no Deferred at all): exact per node.
+  A node with worker processes keeps them in shared memory instead
+  (:mod:`~kongtx.plugins.rate_limiting.shared`), one locked step for all
+  workers: still exact per node.
 * ``cluster``: ``IStore.increment`` (one atomic upsert per counter, the limit
   checked under the row lock): exact across the nodes of one database. With
   several periods the counters are added one after the other; when a longer
@@ -58,7 +61,8 @@ class Runtime:
     def __init__(self, reactor: Any, store: Any = None) -> None:
         self.reactor = reactor
         self.store = store
-        self.local = Counters()
+        #: ``Counters``, or a worker's ``SharedCounters`` (set by ``kongtx.node``).
+        self.local: Any = Counters()
         self._redis: Dict[Tuple[Any, ...], RedisClient] = {}
         #: Problems already logged (fault_tolerant logs each kind once, not per request).
         self.logged: set = set()
@@ -93,6 +97,8 @@ class Runtime:
         for client in self._redis.values():
             client.close()
         self._redis.clear()
+        if not isinstance(self.local, Counters):
+            self.local.close()
 
 
 _RUNTIMES: Dict[str, Runtime] = {}
@@ -125,8 +131,15 @@ def runtime_for(node_id: str) -> Runtime:
 
 
 def local_usage(runtime: Runtime, counters: Sequence[Counter]) -> Usage:
-    """Check and add in one synchronous step (nothing can run in between)."""
+    """Check and add in one synchronous step (nothing can run in between).
+
+    With worker processes ``runtime.local`` is the node's
+    :class:`~kongtx.plugins.rate_limiting.shared.SharedCounters`, whose
+    ``usage`` is one step under a lock shared by every worker.
+    """
     local = runtime.local
+    if not isinstance(local, Counters):
+        return local.usage(counters)  # type: ignore[no-any-return]
     values = [local.get(c.key, c.window_start) + 1 for c in counters]
     if any(v > c.limit for v, c in zip(values, counters)):
         return False, values
