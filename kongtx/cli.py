@@ -9,7 +9,9 @@ in-process; errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import signal
 import sys
 from typing import Any, Callable, List, Optional, Sequence, TextIO, Tuple
 
@@ -219,27 +221,94 @@ async def migrations_command(
         return 1
 
 
-def _configure_reopen_logs(parser: argparse.ArgumentParser) -> None:
+def _configure_conf_and_prefix(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--conf", default=None, help="configuration file")
     parser.add_argument("-p", "--prefix", default=None, help="override the prefix directory")
+
+
+def _signal_node(args: argparse.Namespace, signum: int, err: TextIO) -> Optional[Tuple[Any, int]]:
+    """Load the configuration (``args.conf``, ``args.prefix``) and send *signum* to
+    the node running in its prefix (``pids/kongtx.pid``); returns (config, pid), or
+    ``None`` after writing the one-line error."""
+    from kongtx.logging.setup import NotRunning, running_pid
+
+    try:
+        config = load_config(getattr(args, "conf", None), prefix=args.prefix)
+        pid = running_pid(config.prefix)
+        os.kill(pid, signum)
+    except (ConfigError, NotRunning) as e:
+        err.write(f"Error: {e}\n")
+        return None
+    except OSError as e:
+        err.write(f"Error: cannot signal kongtx: {e.strerror or e}\n")
+        return None
+    return config, pid
 
 
 def _run_reopen_logs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Signal the node running in the prefix (``pids/kongtx.pid``) to reopen its log
     files (``SIGUSR1``), e.g. from logrotate's ``postrotate``."""
-    from kongtx.logging.setup import NotRunning, signal_reopen
-
-    try:
-        config = load_config(args.conf, prefix=args.prefix)
-        pid = signal_reopen(config.prefix)
-    except (ConfigError, NotRunning) as e:
-        err.write(f"Error: {e}\n")
+    signalled = _signal_node(args, signal.SIGUSR1, err)
+    if signalled is None:
         return 1
-    except OSError as e:
-        err.write(f"Error: cannot signal kongtx: {e.strerror or e}\n")
-        return 1
-    out.write(f"Log files reopened (signalled process {pid})\n")
+    out.write(f"Log files reopened (signalled process {signalled[1]})\n")
     return 0
+
+
+def _run_reload(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Check the configuration, then ask the node running in the prefix to apply it
+    (``SIGHUP``): new workers start with it and the old ones drain. A configuration
+    that does not load is refused here, before anything is signalled."""
+    signalled = _signal_node(args, signal.SIGHUP, err)
+    if signalled is None:
+        return 1
+    out.write(f"kongtx reloaded (signalled process {signalled[1]})\n")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether *pid* still runs (an exited process its parent has not reaped yet,
+    a zombie, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open("/proc/%d/stat" % (pid,)) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _configure_quit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-p", "--prefix", default=None, help="override the prefix directory")
+    parser.add_argument("-t", "--timeout", type=float, default=None,
+                        help="seconds to wait before giving up (default: "
+                             "nginx_main_worker_shutdown_timeout + 5)")
+
+
+def _run_quit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Stop the node running in the prefix gracefully (``SIGQUIT``: in-flight
+    requests finish) and wait for it to exit."""
+    import time
+
+    signalled = _signal_node(args, signal.SIGQUIT, err)
+    if signalled is None:
+        return 1
+    config, pid = signalled
+    timeout = args.timeout
+    if timeout is None:
+        timeout = config.nginx_main_worker_shutdown_timeout + 5
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            out.write("kongtx stopped (gracefully)\n")
+            return 0
+        time.sleep(0.1)
+    err.write(f"Error: kongtx (process {pid}) is still running after {timeout:g}s\n")
+    return 1
 
 
 VERBS: Tuple[Verb, ...] = (
@@ -248,7 +317,11 @@ VERBS: Tuple[Verb, ...] = (
     Verb("migrations", "manage database schema migrations (Postgres)",
          _configure_migrations, _run_migrations),
     Verb("reopen-logs", "make the running node reopen its log files (after logrotate)",
-         _configure_reopen_logs, _run_reopen_logs),
+         _configure_conf_and_prefix, _run_reopen_logs),
+    Verb("reload", "apply a changed configuration to the running node without "
+         "dropping connections", _configure_conf_and_prefix, _run_reload),
+    Verb("quit", "stop the running node gracefully (in-flight requests finish)",
+         _configure_quit, _run_quit),
 )
 
 

@@ -379,6 +379,18 @@ def _worker_processes(name: str, text: str) -> str:
     return text
 
 
+_NGINX_TIME = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
+_NGINX_TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _nginx_time(name: str, text: str) -> float:
+    """An nginx time (``10s``, ``500ms``, ``1m``; a bare number is seconds) in seconds."""
+    found = _NGINX_TIME.fullmatch(text.strip())
+    if found is None:
+        raise ConfigError(name, f"invalid time '{text}' (expected e.g. 10s, 500ms or 1m)")
+    return float(found.group(1)) * _NGINX_TIME_UNITS[found.group(2) or "s"]
+
+
 def _ssl_protocols(name: str, text: str) -> Tuple[str, ...]:
     tokens = tuple(t for t in re.split(r"[\s,]+", text) if t)
     if not tokens:
@@ -493,6 +505,7 @@ PROPERTIES: Dict[str, Tuple[str, Parser]] = {
     ),
     "status_listen": ("off", _listen),
     "nginx_worker_processes": ("auto", _worker_processes),
+    "nginx_main_worker_shutdown_timeout": ("10s", _nginx_time),
     "ssl_cipher_suite": ("intermediate", _one_of(*CIPHER_SUITE_NAMES)),
     "ssl_ciphers": ("", _string),
     "ssl_protocols": ("TLSv1.2 TLSv1.3", _ssl_protocols),
@@ -565,6 +578,7 @@ class Config:
     admin_listen: Tuple[ListenSpec, ...]
     status_listen: Tuple[ListenSpec, ...]
     nginx_worker_processes: str
+    nginx_main_worker_shutdown_timeout: float
     ssl_cipher_suite: str
     #: The effective OpenSSL cipher string (the suite's list unless ``custom``).
     ssl_ciphers: str
@@ -618,6 +632,22 @@ class Config:
     unknown_properties: Tuple[str, ...] = ()
     #: The configuration file read, or None when only defaults and env were used.
     source_path: Optional[str] = None
+    #: The text values this configuration was parsed from (file, then ``KONG_*``,
+    #: then ``--prefix``), sorted by name: :func:`config_from_values` rebuilds the
+    #: same configuration from them (worker processes do).
+    #: Not part of equality: two sources that give the same settings are equal.
+    raw_values: Tuple[Tuple[str, str], ...] = attr.ib(default=(), eq=False)
+
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes ``nginx_worker_processes`` asks for (``auto``:
+        one per CPU this process may run on)."""
+        if self.nginx_worker_processes != "auto":
+            return int(self.nginx_worker_processes)
+        try:
+            return max(len(os.sched_getaffinity(0)), 1)
+        except (AttributeError, OSError):
+            return max(os.cpu_count() or 1, 1)
 
     def prefix_path(self, *parts: str) -> str:
         """A path inside the prefix; an absolute part wins, as with ``os.path.join``."""
@@ -685,7 +715,20 @@ def load_config(
             values[name] = _clean_value(env_value)
     if prefix is not None:
         values["prefix"] = prefix.strip()
+    return config_from_values(values, source_path, unknown)
 
+
+def config_from_values(
+    values: Mapping[str, str],
+    source_path: Optional[str] = None,
+    unknown: Sequence[str] = (),
+) -> Config:
+    """Validate text *values* (property name -> kong.conf text) into a :class:`Config`.
+
+    :func:`load_config` gathers the values; a worker process rebuilds its
+    master's exact configuration from ``Config.raw_values`` with this.
+    Raises ``ConfigError``.
+    """
     parsed: Dict[str, Any] = {}
     for name, (default, parser) in PROPERTIES.items():
         parsed[name] = parser(name, values.get(name, default))
@@ -703,6 +746,7 @@ def load_config(
         trusts_unix=trusts_unix,
         unknown_properties=tuple(unknown),
         source_path=source_path,
+        raw_values=tuple(sorted(values.items())),
         **parsed,
     )
 

@@ -446,6 +446,7 @@ class SnapshotManager:
         self._pending: Optional[Any] = None
         self._waiters: List[defer.Deferred] = []
         self._listeners: List[Callable[[Snapshot], None]] = []
+        self._reload_listeners: List[Callable[[], None]] = []
         self.current: Snapshot = build_snapshot(self._rows, 0)
         self.source = "store"
         self.loaded_from_disk_at: Optional[float] = None
@@ -509,6 +510,7 @@ class SnapshotManager:
         log.critical(MSG_SERVING_FROM_DISK, reason=_reason(error), path=path,
                      written_at=cached.written_at)
         self._rebuild_now()
+        self._reloaded()
         # The start failure counts as the first failure (already logged).
         self._failures = 1
         self._schedule_retry()
@@ -543,6 +545,20 @@ class SnapshotManager:
     def add_snapshot_listener(self, callback: Callable[[Snapshot], None]) -> None:
         """Call ``callback(snapshot)`` after every rebuild."""
         self._listeners.append(callback)
+
+    def add_reload_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every rebuild from a full reload of the rows
+        (from the store, or from the file at start): changes that came without
+        change events, which followers of this manager must fetch again."""
+        self._reload_listeners.append(callback)
+
+    def rows(self, entity: str) -> List[Dict[str, Any]]:
+        """Every row of a configuration entity this manager holds (a copy of the list)."""
+        return list(self._rows.get(entity, {}).values())
+
+    def tracks(self, entity: str) -> bool:
+        """Whether *entity* is part of the configuration snapshot."""
+        return entity in self._rows
 
     def settled(self) -> defer.Deferred:
         """A Deferred firing with the current snapshot once no rebuild is pending."""
@@ -627,6 +643,14 @@ class SnapshotManager:
             self.loaded_from_disk_at = None
             self.disk_written_at = None
         self._rebuild_now()
+        self._reloaded()
+
+    def _reloaded(self) -> None:
+        for callback in list(self._reload_listeners):
+            try:
+                callback()
+            except Exception:
+                log.failure("snapshot reload listener failed")
 
     def _reload_failed(self, error: Exception) -> None:
         if not self._started:
@@ -739,13 +763,20 @@ def _writer() -> str:
 
 class SettledStore:
     """Wraps an ``IStore`` so a write's Deferred fires only after the proxy's snapshot
-    includes it: an Admin API answer means "the next proxied request sees this"."""
+    includes it: an Admin API answer means "the next proxied request sees this".
+
+    Each of *settlers* returns a Deferred firing once what serves the proxy has
+    applied every change seen so far (a :meth:`SnapshotManager.settled`; on a
+    master, also its workers'); they are waited for in order.
+    """
 
     _WRITES = ("insert", "update", "delete")
 
-    def __init__(self, store: Any, manager: SnapshotManager) -> None:
+    def __init__(self, store: Any, *settlers: Any) -> None:
         self._store = store
-        self._manager = manager
+        self._settlers = tuple(
+            s.settled if isinstance(s, SnapshotManager) else s for s in settlers
+        )
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._store, name)
@@ -755,10 +786,12 @@ class SettledStore:
         def write(*args: Any, **kwargs: Any) -> defer.Deferred:
             d = attribute(*args, **kwargs)
 
-            def settle(result: Any) -> Any:
-                return self._manager.settled().addCallback(lambda _: result)
+            def settle(result: Any) -> defer.Deferred:
+                waits: defer.Deferred = defer.succeed(None)
+                for settled in self._settlers:
+                    waits.addCallback(lambda _, settled=settled: settled())
+                return waits.addCallback(lambda _: result)
 
             return d.addCallback(settle)
 
         return write
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import subprocess
@@ -137,3 +138,24 @@ def test_python_dash_m_check_subprocess(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("Error: log_level: invalid log level 'loud'")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("verb", ["reload", "quit"])
+def test_reload_and_quit_say_when_nothing_runs(tmp_path, verb):
+    """``kongtx reload``/``quit`` on a prefix with no running node: one line, exit 1."""
+    out, err = io.StringIO(), io.StringIO()
+    args = cli.build_parser().parse_args([verb, "-p", str(tmp_path)])
+    assert args.run(args, out, err) == 1
+    assert err.getvalue() == "Error: kongtx is not running in %s (no valid %s)\n" % (
+        tmp_path, tmp_path / "pids" / "kongtx.pid")
+
+
+def test_reload_refuses_a_configuration_that_does_not_load(tmp_path):
+    """A kong.conf with a bad value is refused before anything is signalled."""
+    conf = tmp_path / "kong.conf"
+    conf.write_text("nginx_worker_processes = none\n")
+    out, err = io.StringIO(), io.StringIO()
+    args = cli.build_parser().parse_args(["reload", "-c", str(conf), "-p", str(tmp_path)])
+    assert args.run(args, out, err) == 1
+    assert err.getvalue() == ("Error: nginx_worker_processes: must be 'auto' or a positive "
+                              "integer, got 'none'\n")

@@ -264,6 +264,7 @@ def test_integer_with_surrounding_whitespace_is_trimmed_in_file(tmp_path):
         ("lua_max_req_headers", "1001", "lua_max_req_headers: must be an integer between 1 and 1000, got '1001'"),
         ("upstream_keepalive_pool_size", "-1", "upstream_keepalive_pool_size: invalid integer '-1'"),
         ("nginx_worker_processes", "0", "nginx_worker_processes: must be 'auto' or a positive integer, got '0'"),
+        ("nginx_main_worker_shutdown_timeout", "soon", "nginx_main_worker_shutdown_timeout: invalid time 'soon' (expected e.g. 10s, 500ms or 1m)"),
         ("log_level", "verbose", "log_level: invalid log level 'verbose' (expected debug, info, notice, warn, error, crit, alert or emerg)"),
         ("database", "x", "database: unknown database 'x' (expected sqlite, postgres or off)"),
         ("database", "cassandra", "database: unknown database 'cassandra' (expected sqlite, postgres or off)"),
@@ -547,3 +548,32 @@ def test_relative_conf_path_is_recorded_absolute(tmp_path, monkeypatch):
     c = load_config("k.conf", env={})
     assert c.source_path == str(tmp_path / "k.conf")
     assert c.log_level == "warn"
+
+
+@pytest.mark.parametrize("text, seconds", [("10s", 10.0), ("500ms", 0.5), ("1m", 60.0),
+                                           ("3", 3.0), ("1.5s", 1.5)])
+def test_shutdown_timeout_is_an_nginx_time(tmp_path, text, seconds):
+    """``nginx_main_worker_shutdown_timeout`` takes nginx's time syntax (default 10s)."""
+    assert _load(tmp_path, "").nginx_main_worker_shutdown_timeout == 10.0
+    assert _load(tmp_path, "nginx_main_worker_shutdown_timeout = %s\n" % text) \
+        .nginx_main_worker_shutdown_timeout == seconds
+
+
+def test_worker_count_auto_is_one_per_usable_cpu(tmp_path):
+    import os
+
+    assert _load(tmp_path, "nginx_worker_processes = 3\n").worker_count == 3
+    assert _load(tmp_path, "").worker_count == len(os.sched_getaffinity(0))
+
+
+def test_a_worker_rebuilds_the_same_configuration_from_raw_values(tmp_path):
+    """``config_from_values(raw_values)`` gives back an equal configuration, whatever
+    mix of file, environment and prefix produced it."""
+    from kongtx.config import config_from_values
+
+    config = _load(tmp_path, "headers = off\nnginx_worker_processes = 2\n",
+                   env={"KONG_PROXY_LISTEN": "127.0.0.1:9000 ssl"})
+    again = config_from_values(dict(config.raw_values), config.source_path,
+                               config.unknown_properties)
+    assert again == config
+    assert again.raw_values == config.raw_values

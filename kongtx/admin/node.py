@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet import defer
@@ -59,8 +59,16 @@ class NodeInfo:
             "lua_version": "%s %s"
             % (platform.python_implementation(), platform.python_version()),
             "configuration": self.configuration,
-            "pids": {"master": pid, "workers": [pid]},
+            "pids": {"master": pid, "workers": [p for p, _ in workers(self.server_stats)]},
         }
+
+
+def workers(server_stats: Any) -> List[Tuple[int, Optional[int]]]:
+    """(pid, RSS bytes or None for "this process") of each process serving the
+    proxy: the workers a master runs, else this process."""
+    memory = getattr(server_stats, "workers_memory", None)
+    found = memory() if memory is not None else []
+    return list(found) or [(os.getpid(), None)]
 
 
 def _rss_bytes() -> Optional[int]:
@@ -89,8 +97,11 @@ def _format(size: Optional[int], unit: str, scale: int) -> Any:
     return "%.*f %s" % (scale, size / divisor, suffix)
 
 
-def memory_info(unit: Optional[str] = None, scale: Optional[str] = None) -> Dict[str, Any]:
-    """The ``memory`` object of ``/status``: this process's RSS, Kong's shape.
+def memory_info(unit: Optional[str] = None, scale: Optional[str] = None,
+                workers: Sequence[Tuple[int, Optional[int]]] = ()) -> Dict[str, Any]:
+    """The ``memory`` object of ``/status`` in Kong's shape: the RSS of each
+    worker (*workers*: (pid, bytes), bytes ``None`` for this process; none
+    given: this process) and of this process.
 
     Raises :class:`~kongtx.errors.BadRequest` for a bad ``unit``/``scale``.
     """
@@ -105,9 +116,12 @@ def memory_info(unit: Optional[str] = None, scale: Optional[str] = None) -> Dict
             raise errors.BadRequest(MSG_BAD_SCALE % scale) from None
         if scale_value < 0:
             raise errors.BadRequest(MSG_BAD_SCALE % scale)
-    rss = _format(_rss_bytes(), unit_key, scale_value)
+    own = _rss_bytes()
+    rss = _format(own, unit_key, scale_value)
+    vms = [{"http_allocated_gc": _format(own if size is None else size, unit_key, scale_value),
+            "pid": pid} for pid, size in (workers or [(os.getpid(), None)])]
     return {
-        "workers_lua_vms": [{"http_allocated_gc": rss, "pid": os.getpid()}],
+        "workers_lua_vms": vms,
         "lua_shared_dicts": {},
         "process_rss": rss,
     }

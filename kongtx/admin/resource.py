@@ -427,7 +427,7 @@ class AdminResource(Resource):
     async def _handle_status(self, request: Request, method: str) -> Response:
         unit = self._arg(request, "unit")
         scale = self._arg(request, "scale")
-        memory = node.memory_info(unit, scale)
+        memory = node.memory_info(unit, scale, node.workers(self._node.server_stats))
         reachable = await node.ping(self._store, self._reactor, self._ping_timeout)
         return _ok(
             {

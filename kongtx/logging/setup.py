@@ -116,8 +116,12 @@ class LogService(service.Service):
     name = "kongtx-logs"
 
     def __init__(self, config: Any, reactor: Any, *, publisher: Any = globalLogPublisher,
-                 install_signal: bool = True, syslog: Optional[SyslogObserver] = None) -> None:
+                 install_signal: bool = True, syslog: Optional[SyslogObserver] = None,
+                 write_pid: bool = True) -> None:
         self.config = config
+        self.write_pid = write_pid
+        #: Called after every :meth:`reopen` (a master tells its workers).
+        self.reopen_listeners: List[Callable[[], None]] = []
         self.reactor = reactor
         self.publisher = publisher
         self.install_signal = install_signal
@@ -181,7 +185,8 @@ class LogService(service.Service):
                           error=exc.strerror or exc)
         for observer in self._observers:
             self.publisher.addObserver(observer)
-        self._write_pid()
+        if self.write_pid:
+            self._write_pid()
         if self.install_signal:
             self._install_signal()
 
@@ -199,7 +204,8 @@ class LogService(service.Service):
             writer.close()
         if self._syslog is not None:
             self._syslog.close()
-        self._remove_pid()
+        if self.write_pid:
+            self._remove_pid()
 
     def reopen(self) -> None:
         """Reopen every log file (after logrotate renamed them)."""
@@ -207,6 +213,11 @@ class LogService(service.Service):
             writer.reopen()
         self.reopened += 1
         log.info("log files reopened")
+        for callback in list(self.reopen_listeners):
+            try:
+                callback()
+            except Exception:
+                log.failure("reopen listener failed")
 
     # -- SIGUSR1 and the pid file ----------------------------------------------------------
 

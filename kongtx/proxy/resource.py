@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from random import getrandbits
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -264,7 +264,8 @@ class ProxyRequest(server.Request):
 
 class ProxyChannel(http.HTTPChannel):
     """An ``HTTPChannel`` that asks the socket for its local address once per
-    connection instead of once per request (twisted.web's Request does)."""
+    connection instead of once per request (twisted.web's Request does), and
+    closes the connection after the current request while its site drains."""
 
     _local_address: Any = None
 
@@ -273,6 +274,12 @@ class ProxyChannel(http.HTTPChannel):
         if address is None:
             address = self._local_address = http.HTTPChannel.getHost(self)
         return address
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        if self.site.draining:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(http.HTTPChannel.checkPersistence(self, request, version))
 
 
 class ProxySite(server.Site):
@@ -289,6 +296,11 @@ class ProxySite(server.Site):
         self.max_headers = max_headers
         self.max_header_size = max_header_size
 
+        #: Open client connections (``kongtx.proxy.drain`` closes them gracefully).
+        self.channels: Set[Any] = set()
+        #: Set by ``kongtx.proxy.drain``: every response closes its connection.
+        self.draining = False
+
     connections_accepted = 0
     connections_active = 0
 
@@ -299,10 +311,13 @@ class ProxySite(server.Site):
         channel.totalHeadersSize = self.max_header_size
         self.connections_accepted += 1
         self.connections_active += 1
+        channels = self.channels
+        channels.add(channel)
         lost = channel.connectionLost
 
         def connectionLost(reason: Any) -> None:
             self.connections_active -= 1
+            channels.discard(channel)
             lost(reason)
 
         channel.connectionLost = connectionLost

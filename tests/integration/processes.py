@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Dict
+from typing import Dict, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,7 +35,7 @@ def twistd(*args: str) -> list:
 class NodeProcess:
     """One ``twistd -n kongtx`` child with its own prefix and ports."""
 
-    def __init__(self, prefix: str, **env: str) -> None:
+    def __init__(self, prefix: str, conf: Optional[str] = None, **env: str) -> None:
         self.proxy_port = free_port()
         self.admin_port = free_port()
         self.prefix = prefix
@@ -50,7 +50,8 @@ class NodeProcess:
         self.log_path = os.path.join(prefix, "twistd.out")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            twistd("-n", "--pidfile=", "kongtx", "--prefix", prefix),
+            twistd("-n", "--pidfile=", "kongtx", "--prefix", prefix,
+                   *(("--conf", conf) if conf else ())),
             env=kong_env(**settings), stdout=self._log, stderr=subprocess.STDOUT,
         )
         self.proxy = "http://127.0.0.1:%d" % self.proxy_port

@@ -1,0 +1,1 @@
+"""Tests of kongtx.workers and draining."""
