@@ -194,6 +194,9 @@ class KongtxService(service.MultiService):
         self._rate_limiting_node: Optional[str] = None
         #: Seconds an idle keep-alive connection may still send a request while draining.
         self.drain_idle_grace: Optional[float] = None
+        #: Awaited after the first snapshot, before the listeners accept (a worker
+        #: catches up with every change its master sent before it serves).
+        self.before_serving: Optional[Callable[[], Any]] = None
 
     # -- start-up --------------------------------------------------------------
 
@@ -438,6 +441,16 @@ class KongtxService(service.MultiService):
                                % (self.config.database, exc))
         if store_error is not None:
             self._retry_store_start(1.0)
+        if self.supervisor is not None:
+            # The Admin API opens once the workers serve: an answer from it means
+            # the proxy serves what it says.
+            self.supervisor.startService()
+            try:
+                await self.supervisor.first_generation_ready()
+            except Exception as exc:
+                raise StartupError("nginx_worker_processes: %s" % (exc,))
+        if self.before_serving is not None:
+            await self.before_serving()
         for port in self.ports:
             port.startReading()
         if self.role != "worker":
@@ -445,12 +458,6 @@ class KongtxService(service.MultiService):
                 address = port.getHost()
                 log.info("kongtx {version} listening on {host}:{port}",
                          version=kongtx.__version__, host=address.host, port=address.port)
-        if self.supervisor is not None:
-            self.supervisor.startService()
-            try:
-                await self.supervisor.first_generation_ready()
-            except Exception as exc:
-                raise StartupError("nginx_worker_processes: %s" % (exc,))
         self.ready.callback(self)
 
     def _retry_store_start(self, delay: float) -> None:

@@ -89,10 +89,20 @@ class Worker:
         except Exception as exc:  # a bug: say what, and let the master restart us
             self.fail("Error: worker %s cannot start: %s" % (self.slot, exc))
             return
+        service.before_serving = self._catch_up
         service.startService()
         self.reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         service.ready.addCallbacks(self._ready, lambda reason: self.fail(
             "Error: worker %s cannot start: %s" % (self.slot, reason.value)))
+
+    async def _catch_up(self) -> None:
+        """Before accepting: ask the master for its newest change number. Its answer
+        comes after every change it numbered so far (one ordered channel), so once
+        the snapshot has settled this worker serves all of them; the master does
+        not wait for workers that are still starting."""
+        newest = int(await self.channel.call("seq"))
+        await self.service.snapshots.settled()
+        self.applied = max(self.applied, newest)
 
     def _ready(self, _: Any) -> None:
         from twisted.internet import task

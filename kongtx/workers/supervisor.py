@@ -82,6 +82,9 @@ class WorkerProcess(protocol.ProcessProtocol):
         #: "starting" -> "ready" -> ("retiring") -> "exited"
         self.state = "starting"
         self.applied = 0
+        #: Set when the worker asked for the newest change number: from then on
+        #: it is about to serve, and Admin API writes wait for it.
+        self.catching_up = False
         self.stats: Dict[str, int] = {}
         self.rss: Optional[int] = None
         self.ready: defer.Deferred = defer.Deferred()
@@ -284,7 +287,8 @@ class Supervisor:
         sockets = self.sockets
         assert sockets is not None
         worker = WorkerProcess(self, slot, generation, config)
-        channel = Channel(worker.on_message, self._handle_call,
+        channel = Channel(worker.on_message,
+                          lambda op, args: self._handle_call(op, args, worker),
                           lambda reason: None)
         worker.channel = channel
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -396,7 +400,11 @@ class Supervisor:
         self._broadcast({"entity": RELOAD_ENTITY, "op": RELOAD_OP, "id": "",
                          "old": None, "new": None})
 
-    def _handle_call(self, op: str, args: list) -> Any:
+    def _handle_call(self, op: str, args: list, worker: Optional[WorkerProcess] = None) -> Any:
+        if op == "seq":
+            if worker is not None:
+                worker.catching_up = True
+            return self.seq
         if op not in READ_OPS:
             raise ValueError("workers may not call %r" % (op,))
         if op == "all" and self.snapshots.tracks(args[0]) and not (len(args) > 1 and args[1]):
@@ -434,8 +442,11 @@ class Supervisor:
         return d
 
     def _lagging(self, target: int) -> List[WorkerProcess]:
-        return [w for w in list(self.workers.values())
-                if w.state in ("starting", "ready") and w.applied < target]
+        # A starting worker catches up before it accepts (``seq``): only serving
+        # workers are waited for.
+        return [w for w in self.workers.values()
+                if (w.state == "ready" or (w.state == "starting" and w.catching_up))
+                and w.applied < target]
 
     def _settled_for(self, target: int) -> bool:
         return not self._lagging(target)
