@@ -297,7 +297,10 @@ class _UnverifiedClientTLS:
             self._server_name = hostname.encode("idna")
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        connection = self._options.clientConnectionForTLS(tlsProtocol)  # type: ignore[arg-type]
+        # Built from the options' context: CertificateOptions itself only has
+        # clientConnectionForTLS from Twisted 26 on, and Twisted 25.5 is the last for
+        # Python 3.9 (PyPy).
+        connection = SSL.Connection(self._options.getContext(), None)
         if self._server_name is not None:
             connection.set_tlsext_host_name(self._server_name)
         return connection

@@ -25,9 +25,9 @@ import uuid
 from typing import Any, Dict, Iterator, Optional
 
 import attr
-import psycopg2
 import pytest
 
+from kongtx._pg import psycopg2
 from kongtx.store.postgres import PgSettings
 
 HOST = os.environ.get("KONGTX_TEST_PG_HOST", "127.0.0.1")

@@ -94,15 +94,22 @@ async def _listen(server_options):
     return port, factory
 
 
+#: Seconds a TLS exchange with the local test server may take.
+_EXCHANGE_TIMEOUT = 10.0
+
+
 async def _exchange(port_number: int, creator) -> _Reader:
     """Connect over TLS; return the client protocol once the connection has closed."""
     from twisted.internet import reactor
 
     endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, "127.0.0.1", port_number))
     reader = _Reader()
-    await endpoint.connect(protocol.Factory.forProtocol(lambda: reader))
+    # Bounded: a creator that raises while the connection is set up leaves both
+    # Deferreds unfired, and the test must fail rather than hang the whole run.
+    connecting = endpoint.connect(protocol.Factory.forProtocol(lambda: reader))
+    await connecting.addTimeout(_EXCHANGE_TIMEOUT, reactor)
     try:
-        await reader.received
+        await reader.received.addTimeout(_EXCHANGE_TIMEOUT, reactor)
     finally:
         reader.transport.loseConnection()
         await reader.lost

@@ -430,6 +430,11 @@ class _Connection(Protocol):
             self._became_ready()
 
     def handshakeCompleted(self) -> None:
+        if getattr(self.transport, "disconnecting", False):
+            # Twisted < 26 checks the server's name when the handshake ends and, on a
+            # mismatch, aborts the connection but still reports the handshake
+            # complete: connectionLost follows with the reason (a connect error).
+            return
         self._became_ready()
 
     def _became_ready(self) -> None:

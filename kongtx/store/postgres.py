@@ -40,12 +40,12 @@ from typing import (
 )
 
 import attr
-import psycopg2
 from twisted.internet import defer, error as internet_error, main
 from twisted.logger import Logger
 from txpostgres import txpostgres
 from zope.interface import implementer
 
+from kongtx._pg import is_query_canceled, is_unique_violation, psycopg2
 from kongtx.store.interface import (
     ChangeEvent,
     EntityMeta,
@@ -420,7 +420,7 @@ def is_connection_error(e: BaseException) -> bool:
             txpostgres.RollbackFailed,
             StoreUnavailable,
         ),
-    ) and not isinstance(e, psycopg2.errors.QueryCanceled)
+    ) and not is_query_canceled(e)
 
 
 def describe(e: BaseException) -> str:
@@ -1022,7 +1022,9 @@ class PostgresStore(ListenerRegistry):
                     "WHERE id = %s",
                     [values[col] for col in columns] + [row["id"]],
                 )
-        except psycopg2.errors.UniqueViolation as e:
+        except psycopg2.IntegrityError as e:
+            if not is_unique_violation(e):
+                raise
             raise self._unique_violation(table, row, e) from None
         op = "create" if old is None else "update"
         events.append(

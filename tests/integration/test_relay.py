@@ -215,7 +215,7 @@ def test_cut_rejects_unknown_mode():
 
 
 def _pg_connect(port: int) -> Any:
-    import psycopg2
+    from kongtx._pg import psycopg2
 
     return psycopg2.connect(
         host="127.0.0.1",
@@ -237,7 +237,7 @@ async def test_postgres_through_relay_cut_and_restore():
     """A psycopg2 connection through the relay queries PostgreSQL; after cut() the
     query fails and new connections are refused; after restore() a new connection
     works."""
-    import psycopg2
+    from kongtx._pg import psycopg2
     from twisted.internet import reactor
 
     relay = Relay(reactor, "127.0.0.1", 5432)

@@ -218,8 +218,7 @@ def schema_problem_blocking(settings: PgSettings) -> Optional[str]:
     ``StoreUnavailable`` when the database cannot be reached (a node may then start
     from its last known configuration).
     """
-    import psycopg2
-
+    from kongtx._pg import psycopg2
     from kongtx.store.postgres import NOT_BOOTSTRAPPED, PENDING_MIGRATIONS
 
     try:
