@@ -194,6 +194,9 @@ class KongtxService(service.MultiService):
         self._rate_limiting_node: Optional[str] = None
         #: Seconds an idle keep-alive connection may still send a request while draining.
         self.drain_idle_grace: Optional[float] = None
+        #: A failed start stops the reactor (the process); embedders sharing the
+        #: reactor (in-process tests) turn this off and see ``ready`` fail instead.
+        self.stop_reactor_on_failure = True
         #: Awaited after the first snapshot, before the listeners accept (a worker
         #: catches up with every change its master sent before it serves).
         self.before_serving: Optional[Callable[[], Any]] = None
@@ -490,7 +493,7 @@ class KongtxService(service.MultiService):
         else:
             log.failure("kongtx failed to start", reason)
         self.ready.errback(reason)
-        if self.reactor.running:
+        if self.stop_reactor_on_failure and self.reactor.running:
             self.reactor.stop()
 
     # -- kongtx reload -----------------------------------------------------------

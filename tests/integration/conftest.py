@@ -52,6 +52,7 @@ async def start_node(reactor: Any, prefix: str, **env: str) -> Node:
     config = load_config(conf, environ, prefix)
     prepare_prefix(config)
     service = KongtxService(config, reactor)
+    service.stop_reactor_on_failure = False  # the test reactor is shared
     service.privilegedStartService()
     service.startService()
     await service.ready
