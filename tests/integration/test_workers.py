@@ -300,3 +300,32 @@ def test_reload_applies_a_changed_conf_without_dropping_a_request(tmp_path, thre
         assert _children(node.proc.pid) == []
     finally:
         node.stop()
+
+
+def test_reopen_logs_reaches_every_worker(tmp_path, thread_upstream):
+    """After logrotate renames the access log, ``kongtx reopen-logs`` makes every
+    worker write to a new file: no line goes on landing in the renamed one."""
+    node = _start(tmp_path, thread_upstream, KONG_NGINX_WORKER_PROCESSES="2",
+                  KONG_PROXY_ACCESS_LOG="logs/access.log")
+    prefix = str(tmp_path / "p")
+    log = os.path.join(prefix, "logs", "access.log")
+    try:
+        _wait_for(lambda: len(_children(node.proc.pid)) == 2, what="two workers", node=node)
+        for _ in range(20):
+            assert _request(node.proxy, "GET", "/echo")[0] == 200
+        _wait_for(lambda: os.path.exists(log) and open(log).read().count("\n") >= 20,
+                  what="20 access lines", node=node)
+        os.rename(log, log + ".1")
+        result = _kongtx_cli("reopen-logs", "--prefix", prefix)
+        assert result.returncode == 0, result.stdout
+        _wait_for(lambda: node.output().count("log files reopened") >= 3,
+                  what="the master and both workers reopening", node=node)
+        for _ in range(20):
+            assert _request(node.proxy, "GET", "/echo")[0] == 200
+        _wait_for(lambda: os.path.exists(log) and open(log).read().count("\n") >= 20,
+                  what="20 lines in the new file", node=node)
+        time.sleep(1.5)  # the writers flush at least once a second
+        with open(log + ".1") as f:
+            assert f.read().count("\n") == 20
+    finally:
+        node.stop()
