@@ -25,7 +25,7 @@ runs after the response is finished and its errors are only logged.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet import defer
@@ -55,6 +55,10 @@ MSG_PLUGIN_FAILED = "plugin {plugin} failed in its {phase} phase (request {reque
 MSG_PLUGIN_SKIPPED = "plugin {id} ({name}) is not used: {reason}"
 
 ScopeKey = Tuple[Optional[str], Optional[str], Optional[str]]
+
+#: At most this many chains with a consumer are kept per index (then they are
+#: resolved afresh): bounds the memory of many consumers on many routes.
+MAX_CONSUMER_CHAINS = 10000
 
 
 def _fk(value: Any) -> Optional[str]:
@@ -153,9 +157,22 @@ def _implementing(configs: Sequence[PluginConfig], phase: str) -> Tuple[PluginCo
     return tuple(c for c in configs if getattr(c.handler, phase, None) is not None)
 
 
+#: One step of the rewrite/access phases: the phase, the configuration and its
+#: handler's bound method for that phase.
+Step = Tuple[str, PluginConfig, Callable[[Any], Any]]
+
+
+def _steps(phase: str, configs: Iterable[PluginConfig]) -> Tuple[Step, ...]:
+    return tuple((phase, c, getattr(c.handler, phase)) for c in configs)
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class Chain:
-    """The configurations that apply to one (route, service[, consumer]), per phase."""
+    """The configurations that apply to one (route, service[, consumer]), per phase.
+
+    ``steps`` is what :func:`run_access` runs: ``rewrite`` then ``access``, each
+    with its bound phase method, computed once here rather than per request.
+    """
 
     configs: Tuple[PluginConfig, ...]
     rewrite: Tuple[PluginConfig, ...]
@@ -163,6 +180,11 @@ class Chain:
     header_filter: Tuple[PluginConfig, ...]
     body_filter: Tuple[PluginConfig, ...]
     log: Tuple[PluginConfig, ...]
+    steps: Tuple[Step, ...] = attr.ib()
+
+    @steps.default
+    def _all_steps(self) -> Tuple[Step, ...]:
+        return _steps("rewrite", self.rewrite) + _steps("access", self.access)
 
     @classmethod
     def of(cls, configs: Tuple[PluginConfig, ...]) -> "Chain":
@@ -192,6 +214,9 @@ class PluginIndex:
     consumer_scoped: bool
     routes: Mapping[str, Mapping[str, Any]] = attr.ib(factory=dict)
     services: Mapping[str, Mapping[str, Any]] = attr.ib(factory=dict)
+    #: Chains with a consumer, resolved on first use (the index never changes:
+    #: a new configuration is a new index, with an empty cache).
+    _with_consumer: Dict[ScopeKey, Chain] = attr.ib(factory=dict, eq=False, repr=False)
 
     def chain_for(self, route_id: str) -> Optional[Chain]:
         """The chain of a route without a consumer (``None``: no plugin runs)."""
@@ -199,8 +224,17 @@ class PluginIndex:
 
     def chain_with_consumer(self, route_id: Optional[str], service_id: Optional[str],
                             consumer_id: Optional[str]) -> Chain:
-        """The chain once ``consumer_id`` is authenticated."""
-        return Chain.of(resolve(self.by_scope, route_id, service_id, consumer_id))
+        """The chain once ``consumer_id`` is authenticated (computed once per
+        route, service and consumer)."""
+        key = (route_id, service_id, consumer_id)
+        cache = self._with_consumer
+        chain = cache.get(key)
+        if chain is None:
+            if len(cache) >= MAX_CONSUMER_CHAINS:
+                cache.clear()
+            chain = cache[key] = Chain.of(
+                resolve(self.by_scope, route_id, service_id, consumer_id))
+        return chain
 
 
 EMPTY_INDEX = PluginIndex(configs={}, by_scope={}, chains={}, consumer_scoped=False)
@@ -314,35 +348,35 @@ def run_access(kong: Any) -> Optional[defer.Deferred]:
     ``kong``: ``kong.exited`` (a plugin called ``kong.response.exit``),
     ``kong.failed`` (a plugin raised) or neither (go upstream).
     """
-    chain = kong.chain
-    steps: List[Tuple[str, PluginConfig]] = [("rewrite", c) for c in chain.rewrite]
-    steps.extend(("access", c) for c in chain.access)
+    steps = kong.chain.steps
     if not steps:
         return None
     return _run_steps(kong, steps, 0)
 
 
-def _run_steps(kong: Any, steps: List[Tuple[str, PluginConfig]], i: int) -> Optional[defer.Deferred]:
+def _run_steps(kong: Any, steps: Sequence[Step], i: int) -> Optional[defer.Deferred]:
     scheme = kong.scheme
-    while i < len(steps):
-        phase, config = steps[i]
+    n = len(steps)
+    while i < n:
+        phase, config, method = steps[i]
         i += 1
         if scheme not in config.protocols:
             continue
         kong.log = config.logger
         try:
-            result = getattr(config.handler, phase)(kong)
+            result = method(kong)
         except Exception:
             _failed(kong, config, phase, failure.Failure())
             kong.failed = True
             return None
-        d = _as_deferred(result)
+        d = None if result is None else _as_deferred(result)
         if d is not None:
             def resumed(_: Any, i: int = i, config: PluginConfig = config,
                         phase: str = phase) -> Optional[defer.Deferred]:
-                if _stop_or_reresolve(kong, steps, i, config, phase):
+                rest = _next_steps(kong, steps, i, config, phase)
+                if rest is None:
                     return None
-                return _run_steps(kong, steps, i)
+                return _run_steps(kong, rest, i)
 
             def errored(reason: failure.Failure, config: PluginConfig = config,
                         phase: str = phase) -> None:
@@ -350,16 +384,22 @@ def _run_steps(kong: Any, steps: List[Tuple[str, PluginConfig]], i: int) -> Opti
                 kong.failed = True
 
             return d.addCallbacks(resumed, errored)
-        if _stop_or_reresolve(kong, steps, i, config, phase):
+        rest = _next_steps(kong, steps, i, config, phase)
+        if rest is None:
             return None
+        if rest is not steps:
+            steps = rest
+            n = len(steps)
     return None
 
 
-def _stop_or_reresolve(kong: Any, steps: List[Tuple[str, PluginConfig]], i: int,
-                       config: PluginConfig, phase: str) -> bool:
-    """After one plugin: whether to stop; re-resolve the rest after authentication."""
+def _next_steps(kong: Any, steps: Sequence[Step], i: int, config: PluginConfig,
+                phase: str) -> Optional[Sequence[Step]]:
+    """After one plugin: ``None`` to stop, else the steps to go on with (``steps``
+    itself, or, after an authentication, its first ``i`` and the access steps of
+    the chain with the consumer that come after ``config``)."""
     if kong.exited is not None or kong.failed:
-        return True
+        return None
     if kong.consumer_changed:
         kong.consumer_changed = False
         index = kong.index
@@ -370,8 +410,10 @@ def _stop_or_reresolve(kong: Any, steps: List[Tuple[str, PluginConfig]], i: int,
             kong.chain = chain
             if phase == "access":
                 after = _order_key(config)
-                steps[i:] = [("access", c) for c in chain.access if _order_key(c) > after]
-    return False
+                return tuple(steps[:i]) + tuple(
+                    step for step in chain.steps
+                    if step[0] == "access" and _order_key(step[1]) > after)
+    return steps
 
 
 def run_header_filter(kong: Any) -> None:

@@ -357,6 +357,55 @@ def test_authentication_re_resolves_consumer_scoped_configs():
     assert kong.client.get_consumer() == {"id": C}
 
 
+def test_authentication_in_an_async_access_re_resolves_too():
+    """An auth plugin that authenticates after a Deferred: the plugins after it still
+    run with the consumer-scoped configs."""
+    clock = task.Clock()
+    calls: List[str] = []
+
+    def auth(self: Any, kong: Any) -> defer.Deferred:
+        return task.deferLater(clock, 1.0, kong.client.authenticate, {"id": C}, None)
+
+    classes = {"auth": make_plugin("auth", 1000, access=auth),
+               "limit": make_plugin("limit", 900, calls)}
+    rows = [row("auth", R), row("limit", R, tag="route"), row("limit", None, S, C, tag="sc")]
+    index = pipeline.build_plugin_index(rows, classes, [(R, S)])
+    kong = make_kong(index)
+    d = pipeline.run_access(kong)
+    assert calls == []
+    clock.advance(1.0)
+    assert d.called and calls == ["access:limit:sc"]
+
+
+def test_chain_with_a_consumer_is_resolved_once_per_index(monkeypatch: Any) -> None:
+    """The chain of (route, service, consumer) is computed on first use and then reused
+    (no per-request resolution); the cache is bounded and belongs to one index."""
+    classes = {"limit": make_plugin("limit", 900, [])}
+    rows = [row("limit", R), row("limit", None, S, C)]
+    index = pipeline.build_plugin_index(rows, classes, [(R, S)])
+    first = index.chain_with_consumer(R, S, C)
+    assert index.chain_with_consumer(R, S, C) is first
+    assert [c.consumer_id for c in first.access] == [C]
+    assert index.chain_with_consumer(R, S, "other").access[0].consumer_id is None
+    rebuilt = pipeline.build_plugin_index(rows, classes, [(R, S)], index)
+    assert rebuilt.chain_with_consumer(R, S, C) is not first
+    monkeypatch.setattr(pipeline, "MAX_CONSUMER_CHAINS", 2)
+    index.chain_with_consumer(R, S, "third")
+    assert index.chain_with_consumer(R, S, C) is not first  # forgotten when full
+    assert index.chain_with_consumer(R, S, C).access == first.access
+
+
+def test_chain_steps_are_rewrite_then_access_with_bound_methods():
+    """A chain's steps (what run_access walks) are the global rewrites, then the
+    access phases, in order, each with its handler's bound method."""
+    classes = {"g": make_plugin("g", 5, []), "r": make_plugin("r", 50, [])}
+    index = pipeline.build_plugin_index([row("g"), row("r", R)], classes, [(R, S)])
+    chain = index.chain_for(R)
+    assert [(phase, c.name) for phase, c, _ in chain.steps] == [
+        ("rewrite", "g"), ("access", "r"), ("access", "g")]
+    assert all(method == getattr(c.handler, phase) for phase, c, method in chain.steps)
+
+
 def test_protocols_are_respected():
     """A config with protocols ["https"] does not run on an http request."""
     calls: List[str] = []

@@ -45,6 +45,8 @@ def _escape_byte(b: int) -> str:
 
 
 _ESCAPES = tuple(_escape_byte(b) for b in range(256))
+#: The bytes logged as they are; deleting them from a value leaves the ones to escape.
+_PLAIN = bytes(b for b in range(256) if len(_ESCAPES[b]) == 1)
 
 
 def escape(value: Any) -> str:
@@ -53,18 +55,33 @@ def escape(value: Any) -> str:
         return "-"
     if isinstance(value, str):
         value = value.encode("utf-8", "replace")
+    if not value.translate(None, _PLAIN):
+        return value.decode("ascii")  # nothing to escape (the usual case)
     return "".join([_ESCAPES[b] for b in value])
 
 
+#: The last second formatted by :func:`time_local`, and its text.
+_last_local: Tuple[int, str] = (-1, "")
+
+
 def time_local(when: float) -> str:
-    """nginx's ``$time_local``: ``28/Nov/2026:08:02:59 +0000`` (local time)."""
-    t = time.localtime(when)
+    """nginx's ``$time_local``: ``28/Nov/2026:08:02:59 +0000`` (local time).
+
+    Formatted once per second (the lines of one second share it)."""
+    global _last_local
+    second = int(when // 1)
+    cached = _last_local
+    if cached[0] == second:
+        return cached[1]
+    t = time.localtime(second)
     offset = t.tm_gmtoff // 60
     sign = "+" if offset >= 0 else "-"
     offset = abs(offset)
-    return "%02d/%s/%d:%02d:%02d:%02d %s%02d%02d" % (
+    text = "%02d/%s/%d:%02d:%02d:%02d %s%02d%02d" % (
         t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec,
         sign, offset // 60, offset % 60)
+    _last_local = (second, text)
+    return text
 
 
 def seconds(value: Optional[float]) -> str:

@@ -24,14 +24,19 @@ the query string and the ``uri``/``url``.
 Sizes are computed from what twisted.web holds: ``request.size`` is the request
 line, headers and body; ``response.size`` the status line, the headers kongtx
 set and the body bytes written (Twisted may add framing headers of its own).
+
+:func:`encode` turns a record into its JSON text for the logging plugins: the
+route and service rows (half of a record, and the same for every request on a
+route) are encoded once and spliced in.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional
+import json
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 from urllib.parse import unquote_plus
 
-__all__ = ["REDACTED", "note_upstream", "serialize", "key_names"]
+__all__ = ["REDACTED", "note_upstream", "serialize", "key_names", "encode"]
 
 REDACTED = "REDACTED"
 
@@ -70,14 +75,20 @@ def note_upstream(kong: Any, now: float) -> None:
     }
 
 
+_NO_NAMES: FrozenSet[str] = frozenset()
+
+
 def key_names(kong: Any) -> FrozenSet[str]:
     """The key-auth ``key_names`` of the key-auth plugin in *kong*'s chain (lower-case)."""
     chain = kong.chain
     for config in getattr(chain, "access", ()) or ():
         if config.name == "key-auth":
-            names = config.handler.config.get("key_names") or ()
-            return frozenset(name.lower() for name in names)
-    return frozenset()
+            handler = config.handler
+            names = getattr(handler, "redacted_names", None)
+            if names is None:
+                names = frozenset(n.lower() for n in handler.config.get("key_names") or ())
+            return names
+    return _NO_NAMES
 
 
 def _redact_query(raw: str, secret: FrozenSet[str]) -> str:
@@ -113,43 +124,48 @@ def _tls(request: Any) -> Optional[Dict[str, Any]]:
     return info
 
 
-def _request_size(request: Any) -> int:
-    size = len(request.method) + len(request.uri) + len(request.clientproto or b"") + 4
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        for value in values:
-            size += len(name) + len(value) + 4
-    size += 2
+def _body_size(request: Any) -> int:
     stream = getattr(request, "stream", None)
     if stream is not None:
-        size += stream.length or 0
-    else:
-        content = request.content
-        if content is not None:
-            position = content.tell()
-            content.seek(0, 2)
-            size += content.tell()
-            content.seek(position, 0)
+        return stream.length or 0
+    content = request.content
+    if content is None:
+        return 0
+    position = content.tell()
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(position, 0)
     return size
 
 
-def _response_size(request: Any) -> int:
-    size = 9 + 3 + 1 + len(request.code_message or b"") + 2
-    for name, values in request.responseHeaders.getAllRawHeaders():
-        for value in values:
-            size += len(name) + len(value) + 4
-    return size + 2 + request.sentLength
+#: Header names as logged (decoded, lower-case), by raw name: most requests
+#: carry the same few names.
+_NAMES: Dict[bytes, str] = {}
+_MAX_NAMES = 1000
 
 
-def _headers(pairs: Any, secret: FrozenSet[str] = frozenset()) -> Dict[str, Any]:
+def _headers_and_size(pairs: Any, secret: FrozenSet[str] = _NO_NAMES) -> Tuple[Dict[str, Any], int]:
+    """The logged headers (values decoded; a list when repeated; secrets
+    redacted) and the bytes they took on the wire (``name: value\r\n`` each)."""
     out: Dict[str, Any] = {}
+    size = 0
+    names = _NAMES
     for raw_name, raw_values in pairs:
-        name = raw_name.decode("latin-1").lower()
+        name = names.get(raw_name)
+        if name is None:
+            if len(names) >= _MAX_NAMES:
+                names.clear()
+            name = names[raw_name] = raw_name.decode("latin-1").lower()
+        n = len(raw_name) + 4
+        for value in raw_values:
+            size += n + len(value)
         if name in _SECRET_HEADERS or name in secret:
             out[name] = REDACTED
-            continue
-        values = [v.decode("latin-1") for v in raw_values]
-        out[name] = values[0] if len(values) == 1 else values
-    return out
+        elif len(raw_values) == 1:
+            out[name] = raw_values[0].decode("latin-1")
+        else:
+            out[name] = [v.decode("latin-1") for v in raw_values]
+    return out, size
 
 
 def _querystring(raw: str, secret: FrozenSet[str]) -> Dict[str, Any]:
@@ -190,12 +206,14 @@ def serialize(kong: Any, *, now: float, wall: float) -> Dict[str, Any]:
     secret = key_names(kong)
     uri = request.uri.decode("latin-1")
     raw_query = uri.partition("?")[2]
-    uri = _redact_uri(uri, secret)
+    if secret and raw_query:
+        uri = _redact_uri(uri, secret)
     host = kong.request.get_header("host") or ""
-    if host and ":" not in host.rsplit("]", 1)[-1]:
+    if not host:
+        address = request.getHost()
+        host = "%s:%d" % (address.host, address.port)
+    elif ":" not in host.rsplit("]", 1)[-1]:
         host = "%s:%d" % (host, request.getHost().port)
-    elif not host:
-        host = "%s:%d" % (request.getHost().host, request.getHost().port)
     started = kong.started
     upstream = kong.ctx.shared.get(_UPSTREAM_KEY)
     total = now - started
@@ -229,21 +247,28 @@ def serialize(kong: Any, *, now: float, wall: float) -> Dict[str, Any]:
         started_ms = int((wall - total) * 1000)
         tries = []
         source = "exit" if kong.exited is not None else "error"
+    request_headers, request_size = _headers_and_size(
+        request.requestHeaders.getAllRawHeaders(), secret)
+    response_headers, response_size = _headers_and_size(
+        request.responseHeaders.getAllRawHeaders())
+    method = request.method
     record: Dict[str, Any] = {
         "request": {
             "id": kong.request_id,
             "uri": uri,
             "url": "%s://%s%s" % (kong.scheme, host, uri),
-            "querystring": _querystring(raw_query, secret),
-            "method": kong.request.get_method(),
-            "headers": _headers(request.requestHeaders.getAllRawHeaders(), secret),
-            "size": _request_size(request),
+            "querystring": _querystring(raw_query, secret) if raw_query else {},
+            "method": method.decode("ascii"),
+            "headers": request_headers,
+            "size": (len(method) + len(request.uri) + len(request.clientproto or b"") + 6
+                     + request_size + _body_size(request)),
         },
         "upstream_uri": _redact_uri(upstream["target"], secret) if upstream is not None else "",
         "response": {
             "status": request.code,
-            "headers": _headers(request.responseHeaders.getAllRawHeaders()),
-            "size": _response_size(request),
+            "headers": response_headers,
+            "size": (9 + 3 + 1 + len(request.code_message or b"") + 2 + response_size + 2
+                     + request.sentLength),
         },
         "latencies": latencies,
         "tries": tries,
@@ -264,3 +289,40 @@ def serialize(kong: Any, *, now: float, wall: float) -> Dict[str, Any]:
     if kong.consumer is not None:
         record["consumer"] = kong.consumer
     return record
+
+
+# -- JSON text ------------------------------------------------------------------------
+
+_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
+
+#: Rows' JSON text by ``id(row)``, holding the row (so its id is not reused while
+#: cached). Rows come from the immutable configuration snapshot; a new
+#: configuration brings new rows, and the cache starts over when it is full.
+_ROWS: Dict[int, Tuple[Any, str]] = {}
+_MAX_ROWS = 1000
+
+
+def _row_json(row: Any) -> str:
+    if row is None:
+        return "null"
+    found = _ROWS.get(id(row))
+    if found is not None and found[0] is row:
+        return found[1]
+    if len(_ROWS) >= _MAX_ROWS:
+        _ROWS.clear()
+    text = _ENCODER.encode(row)
+    _ROWS[id(row)] = (row, text)
+    return text
+
+
+def encode(record: Mapping[str, Any]) -> str:
+    """The compact JSON text of a :func:`serialize` record (``str()`` for values
+    JSON cannot hold). Same value as ``json.dumps(record, default=str)``; the
+    ``route`` and ``service`` rows are encoded once per row, not per request."""
+    if "route" not in record or "service" not in record:
+        return _ENCODER.encode(record)
+    rest = {k: v for k, v in record.items() if k != "route" and k != "service"}
+    head = _ENCODER.encode(rest)
+    return "%s%s\"route\":%s,\"service\":%s}" % (
+        head[:-1], "," if len(head) > 2 else "", _row_json(record["route"]),
+        _row_json(record["service"]))

@@ -16,10 +16,9 @@ request.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 from twisted.logger import Logger
 
@@ -84,10 +83,15 @@ class FileLogPlugin(BasePlugin):
         ("custom_fields_by_lua", t.map_of(t.string(len_min=1), t.string(len_min=1))),
     ])
 
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        BasePlugin.__init__(self, config)
+        self._path: str = config["path"]
+        self._reopen = bool(config.get("reopen"))
+
     def header_filter(self, kong: Any) -> None:
         serializer.note_upstream(kong, time.monotonic())
 
     def log(self, kong: Any) -> None:
         record = serializer.serialize(kong, now=time.monotonic(), wall=time.time())
-        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
-        _write(self.config["path"], line.encode("utf-8"), bool(self.config.get("reopen")))
+        line = serializer.encode(record) + "\n"
+        _write(self._path, line.encode("utf-8"), self._reopen)

@@ -240,6 +240,8 @@ class KeyAuthPlugin(BasePlugin):
     def __init__(self, config: Mapping[str, Any]) -> None:
         BasePlugin.__init__(self, config)
         self._key_names: Tuple[str, ...] = tuple(config.get("key_names") or ("apikey",))
+        #: What the log serializer redacts (lower-case key names), computed once.
+        self.redacted_names = frozenset(name.lower() for name in self._key_names)
         self._hide = bool(config.get("hide_credentials", False))
         self._anonymous: Optional[str] = config.get("anonymous") or None
         self._in_header = config.get("key_in_header", True) is not False

@@ -8,7 +8,8 @@ small pooled HTTP/1.1 protocol like this one does about 15k (30k on PyPy).
 several Deferred chains per request; here a request is one `transport.write`
 of the head, the response is parsed by `http11.ResponseParser` on plain
 bytes, and the caller is driven through direct calls on an `IResponseSink`.
-The one Deferred per request is the one `UpstreamPool.request` returns.
+`UpstreamPool.request` returns one Deferred per request; the proxy uses
+`UpstreamPool.send`, which reports the outcome with a plain call instead.
 
 Behaviour (Kong/nginx semantics, see ``reference/kong.md`` 2.5/2.6):
 
@@ -44,7 +45,7 @@ from typing import IO, Callable, Deque, Dict, List, Optional, Tuple, Union
 from OpenSSL import SSL
 from twisted.internet import error as ierror
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -65,6 +66,8 @@ from kongtx.proxy.http11 import Headers, ResponseParseError, ResponseParser
 
 __all__ = [
     "IResponseSink",
+    "Exchange",
+    "Listener",
     "UpstreamPool",
     "UpstreamError",
     "UpstreamConnectError",
@@ -158,6 +161,10 @@ _NONE = ""
 
 PoolKey = Tuple[str, str, int, bool, Optional[str]]
 
+#: Called once with the outcome of `UpstreamPool.send`: ``None`` after
+#: ``sink.response_finished()``, or the Failure.
+Listener = Callable[[Optional[Failure]], None]
+
 
 @implementer(IPushProducer)
 class _Exchange:
@@ -174,7 +181,7 @@ class _Exchange:
         "connect_timeout",
         "write_timeout",
         "read_timeout",
-        "deferred",
+        "listener",
         "conn",
         "started",
         "retried",
@@ -192,6 +199,7 @@ class _Exchange:
         connect_timeout: float,
         write_timeout: float,
         read_timeout: float,
+        listener: "Listener",
     ) -> None:
         self.key = key
         self.head = head
@@ -203,7 +211,7 @@ class _Exchange:
         self.connect_timeout = connect_timeout
         self.write_timeout = write_timeout
         self.read_timeout = read_timeout
-        self.deferred: Deferred[None] = Deferred(self._cancel)
+        self.listener: Optional[Listener] = listener
         self.conn: Optional[_Connection] = None
         self.started = False
         self.retried = False
@@ -225,22 +233,32 @@ class _Exchange:
         if not self.done and conn is not None:
             conn.fail(UpstreamClosed(ERR_CONSUMER_STOPPED, response_started=self.started))
 
-    def _cancel(self, d: Deferred[None]) -> None:
-        # The client went away: abort the upstream connection, never pool it.
+    def cancel(self) -> None:
+        """The caller gives up (its client went away): abort the upstream
+        connection, never pool it; the listener is not called."""
         self.done = True
+        self.listener = None
         conn = self.conn
         if conn is not None:
             conn.abort_exchange(self)
 
     def succeed(self) -> None:
         self.done = True
-        if not self.deferred.called:
-            self.deferred.callback(None)
+        listener = self.listener
+        if listener is not None:
+            self.listener = None
+            listener(None)
 
     def fail(self, err: object) -> None:
         self.done = True
-        if not self.deferred.called:
-            self.deferred.errback(err)
+        listener = self.listener
+        if listener is not None:
+            self.listener = None
+            listener(err if isinstance(err, Failure) else Failure(err))
+
+
+#: What `UpstreamPool.send` returns: ``cancel()`` aborts the request.
+Exchange = _Exchange
 
 
 class BodyStream:
@@ -870,6 +888,45 @@ class UpstreamPool:
         subclass (or the exception a sink method raised). Cancelling it
         aborts the upstream connection.
         """
+        exchange: List[Exchange] = []
+
+        def outcome(error: Optional[Failure]) -> None:
+            if error is None:
+                d.callback(None)
+            else:
+                d.errback(error)
+
+        d: Deferred[None] = Deferred(lambda _: exchange[0].cancel() if exchange else None)
+        exchange.append(self.send(
+            outcome, scheme=scheme, host=host, port=port, method=method, target=target,
+            headers=headers, body=body, body_length=body_length, sink=sink,
+            connect_timeout=connect_timeout, write_timeout=write_timeout,
+            read_timeout=read_timeout, tls_verify=tls_verify, sni=sni))
+        return d
+
+    def send(
+        self,
+        listener: Listener,
+        *,
+        scheme: str,
+        host: str,
+        port: int,
+        method: bytes,
+        target: bytes,
+        headers: List[Tuple[bytes, bytes]],
+        body: Optional[Union[IO[bytes], "BodyStream"]],
+        body_length: int,
+        sink: IResponseSink,
+        connect_timeout: float,
+        write_timeout: float,
+        read_timeout: float,
+        tls_verify: bool = False,
+        sni: Optional[str] = None,
+    ) -> "Exchange":
+        """As `request`, without a Deferred: ``listener(None)`` is called after
+        ``sink.response_finished()``, or ``listener(failure)``, once (maybe before
+        this returns). Returns the exchange, whose ``cancel()`` aborts it (the
+        listener is then not called)."""
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
         has_length = False
         for name, value in headers:
@@ -889,8 +946,6 @@ class UpstreamPool:
             lines += 1
         parts.append(b"\r\n")
         head = b"".join(parts)
-        if not _crlf_free(head, lines):
-            return fail(ValueError(ERR_BAD_REQUEST_HEAD))
 
         if host[:1] == "[" and host[-1:] == "]":
             host = host[1:-1]
@@ -905,19 +960,22 @@ class UpstreamPool:
             connect_timeout,
             write_timeout,
             read_timeout,
+            listener,
         )
+        if not _crlf_free(head, lines):
+            ex.fail(ValueError(ERR_BAD_REQUEST_HEAD))
+            return ex
         if body is not None and (body_length > 0 or isinstance(body, BodyStream)):
             try:
                 ex.body_start = body.tell()
             except Exception:
                 ex.body_start = -1
-        d = ex.deferred
         conn = self._take(key)
         if conn is not None:
             conn.send(ex, reused=True)
         else:
             self._connect(ex)
-        return d
+        return ex
 
     def close(self) -> Deferred[None]:
         """Close every idle connection; fires when they are all closed.

@@ -36,11 +36,14 @@ the handler never sees a CR.
 The parser is written for the hot path: it works on `bytes` with `find`,
 `split` and `translate`, keeps no per-line objects beyond the header tuples
 it hands over, and passes body bytes through without copying when a read
-falls entirely inside the body.
+falls entirely inside the body. The header section is checked and split by
+one regular expression (`_HEADER_LINE`, run in C); only a head it does not
+wholly accept goes through the line-by-line checks, which name the error.
 """
 
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Protocol, Tuple
 
 __all__ = [
@@ -83,6 +86,14 @@ _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 # leaves only the forbidden bytes (NUL, CR, LF, other controls, DEL).
 _FIELD_VALUE = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 _DIGITS = b"0123456789"
+# One valid header line (a name of tchar, a colon, a field value without its
+# surrounding SP/HTAB, LF): the (name, value) pairs of a header section are
+# its findall(); a section with as many matches as lines is entirely valid.
+_HEADER_LINE = re.compile(
+    rb"^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
+    rb"((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*\n",
+    re.M,
+)
 _HEXDIGITS = b"0123456789abcdefABCDEF"
 _MAX_LENGTH_DIGITS = 18  # 10**18 bytes is far beyond any real body; keeps ints small
 
@@ -136,6 +147,33 @@ def _parse_length(value: bytes) -> int:
 def _tokens(value: bytes) -> List[bytes]:
     """Split a comma-separated header value into lower-cased tokens, dropping empty ones."""
     return [t for t in (p.strip(b" \t").lower() for p in value.split(b",")) if t]
+
+
+def _reject_header_lines(block: bytes) -> None:
+    """Raise the error of the first bad line of a header section (LF-terminated
+    lines) that `_HEADER_LINE` did not wholly accept; earlier lines' own errors
+    (a bad Content-Length) come first, as they are found in order."""
+    length: Optional[int] = None
+    for line in block.split(b"\n")[:-1]:
+        c = line.find(b":")
+        if c <= 0:
+            if line[:1] in (b" ", b"\t"):
+                raise ResponseParseError(ERR_OBS_FOLD)
+            raise ResponseParseError(ERR_HEADER)
+        name = line[:c]
+        if name.translate(None, _TCHAR):
+            if line[0] in (32, 9):
+                raise ResponseParseError(ERR_OBS_FOLD)
+            raise ResponseParseError(ERR_HEADER)
+        value = line[c + 1 :].strip(b" \t")
+        if value.translate(None, _FIELD_VALUE):
+            raise ResponseParseError(ERR_HEADER)
+        if len(name) == 14 and name.lower() == b"content-length":
+            v = _parse_length(value)
+            if length is not None and v != length:
+                raise ResponseParseError(ERR_CONFLICTING_LENGTH)
+            length = v
+    raise ResponseParseError(ERR_HEADER)
 
 
 class ResponseParser:
@@ -338,12 +376,13 @@ class ResponseParser:
         head = data[pos : end + 1]
         if b"\r" in head:
             head = head.replace(b"\r\n", b"\n")
-        lines = head.split(b"\n")
-        lines.pop()  # the empty string after the final LF
-        if len(lines) > MAX_HEADERS + 1:
+        first = head.find(b"\n")
+        line = head[:first]
+        block = head[first + 1 :]
+        count = block.count(b"\n")
+        if count > MAX_HEADERS:
             raise ResponseParseError(ERR_TOO_MANY_HEADERS)
 
-        line = lines[0]
         # HTTP-version SP 3DIGIT SP reason-phrase; the SP before an empty
         # reason is tolerated missing (common in the wild, unambiguous).
         if (
@@ -363,28 +402,15 @@ class ResponseParser:
             raise ResponseParseError(ERR_STATUS_LINE)
         http11 = line[7] == 49
 
-        headers: Headers = []
+        headers: Headers = _HEADER_LINE.findall(block)
+        if len(headers) != count:
+            _reject_header_lines(block)
         length: Optional[int] = None
         chunked = False
         transfer_encoding: Optional[bytes] = None
         close = False
         keep_alive_token = False
-        for k in range(1, len(lines)):
-            line = lines[k]
-            c = line.find(b":")
-            if c <= 0:
-                if line[:1] in (b" ", b"\t"):
-                    raise ResponseParseError(ERR_OBS_FOLD)
-                raise ResponseParseError(ERR_HEADER)
-            name = line[:c]
-            if name.translate(None, _TCHAR):
-                if line[0] in (32, 9):
-                    raise ResponseParseError(ERR_OBS_FOLD)
-                raise ResponseParseError(ERR_HEADER)
-            value = line[c + 1 :].strip(b" \t")
-            if value.translate(None, _FIELD_VALUE):
-                raise ResponseParseError(ERR_HEADER)
-            headers.append((name, value))
+        for name, value in headers:
             nl = len(name)
             if nl == 14:
                 if name.lower() == b"content-length":

@@ -37,6 +37,8 @@ def _offset() -> str:
 
 @pytest.mark.parametrize("value, expected", [
     (b"curl/8", "curl/8"),
+    (b"Mozilla/5.0 (X11; Linux) ~!@#$%^&*()_+{}|:<>?", "Mozilla/5.0 (X11; Linux) ~!@#$%^&*()_+{}|:<>?"),
+    (b"", ""),
     (b'say "hi"', "say \\x22hi\\x22"),
     (b"back\\slash", "back\\x5Cslash"),
     (b"tab\there\x7f", "tab\\x09here\\x7F"),
@@ -61,6 +63,15 @@ def test_format_line() -> None:
                        upstream_latency=None)
     assert line.endswith('"POST /a?b=c HTTP/1.0" 404 0 "http://x/" "-" - -')
     assert time_local(WHEN) == "03/Nov/2026:08:02:59 " + _offset()
+
+
+def test_time_local_within_and_across_seconds() -> None:
+    """Times within one second share its text; the next second (and going back) is
+    formatted anew."""
+    assert time_local(WHEN + 0.25) == time_local(WHEN + 0.75) == time_local(WHEN)
+    assert time_local(WHEN + 1) == "03/Nov/2026:08:03:00 " + _offset()
+    assert time_local(WHEN - 1) == "03/Nov/2026:08:02:58 " + _offset()
+    assert time_local(WHEN + 1.5) == "03/Nov/2026:08:03:00 " + _offset()
 
 
 @pytest.mark.parametrize("value, target", [

@@ -177,6 +177,51 @@ async def test_next_window_starts_fresh(runtime: Any, clock: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_each_period_rolls_over_on_its_own(runtime: Any, clock: Any) -> None:
+    """minute=2, hour=3: the minute refuses first; in the next minute the hour still
+    counts what passed, and RateLimit-Reset follows the window that is the tightest."""
+    plugin = RateLimitingPlugin(validated({"minute": 2, "hour": 3, "limit_by": "ip"}))
+    await call(plugin)
+    kong, headers = await call(plugin)
+    assert kong.exited is None and headers["ratelimit-reset"] == "60"
+    assert (await call(plugin))[0].exited is not None  # minute: 3 > 2
+    clock.advance(60)
+    kong, headers = await call(plugin)
+    assert kong.exited is None
+    assert headers["x-ratelimit-remaining-minute"] == "1"
+    assert headers["x-ratelimit-remaining-hour"] == "0"
+    assert headers["ratelimit-remaining"] == "0" and headers["ratelimit-reset"] == "3540"
+    kong, headers = await call(plugin)
+    assert kong.exited is not None and kong.exited[2] == {"Retry-After": 3540}
+
+
+@pytest_twisted.ensureDeferred
+async def test_counters_are_built_once_per_identifier_and_window(
+        runtime: Any, clock: Any, monkeypatch: Any) -> None:
+    """A request of an identifier already seen in the current windows builds no
+    counter objects (they are kept per plugin until a window rolls over)."""
+    built: List[Any] = []
+    original = policies.Counter
+
+    def counting(*args: Any) -> Any:
+        built.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(policies, "Counter", counting)
+    plugin = RateLimitingPlugin(validated({"second": 100, "hour": 1000, "limit_by": "ip"}))
+    for _ in range(3):
+        await call(plugin, ip="1.1.1.1")
+    assert len(built) == 2  # one per period
+    await call(plugin, ip="2.2.2.2")
+    assert len(built) == 4
+    clock.advance(1)  # a new second: new windows
+    kong, headers = await call(plugin, ip="1.1.1.1")
+    assert len(built) == 6
+    assert headers["x-ratelimit-remaining-second"] == "99"
+    assert headers["x-ratelimit-remaining-hour"] == "996"
+
+
+@pytest_twisted.ensureDeferred
 async def test_most_restrictive_window_and_custom_error(runtime: Any) -> None:
     """RateLimit-* follow the period with the fewest remaining; error_code/message apply."""
     plugin = RateLimitingPlugin(validated({"minute": 2, "hour": 10, "limit_by": "ip",

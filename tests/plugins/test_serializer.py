@@ -203,3 +203,33 @@ def test_tls_is_logged_for_https() -> None:
     assert record["request"]["tls"] == {"version": "TLSv1.3",
                                         "cipher": "TLS_AES_256_GCM_SHA384",
                                         "client_verify": "NONE"}
+
+
+# -- JSON text -------------------------------------------------------------------------
+
+
+def test_encode_is_the_records_json() -> None:
+    """``encode`` gives the same JSON value as ``json.dumps(record, default=str)``, with
+    or without route and service, and for values JSON cannot hold."""
+    request = FakeRequest(headers=[("Host", "example.com")])
+    kong = _kong(request)
+    _proxied(request)
+    serializer.note_upstream(kong, 100.050)
+    record = serializer.serialize(kong, now=100.080, wall=2000.0)
+    record["odd"] = object()
+    assert json.loads(serializer.encode(record)) == json.loads(json.dumps(record, default=str))
+    record["route"] = None
+    assert json.loads(serializer.encode(record))["route"] is None
+    assert json.loads(serializer.encode({"route": ROUTE, "service": SERVICE})) == {
+        "route": ROUTE, "service": SERVICE}
+    assert json.loads(serializer.encode({"a": 1})) == {"a": 1}
+
+
+def test_encode_follows_a_new_row() -> None:
+    """A route row's text is reused while the row is the same object; a new row (a new
+    configuration) is encoded afresh."""
+    first = serializer.encode({"route": ROUTE, "service": SERVICE})
+    assert serializer.encode({"route": ROUTE, "service": SERVICE}) == first
+    renamed = dict(ROUTE, name="renamed")
+    assert json.loads(serializer.encode({"route": renamed, "service": SERVICE}))[
+        "route"]["name"] == "renamed"

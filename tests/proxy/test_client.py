@@ -1073,3 +1073,66 @@ async def test_ipv6_literal(pool):
     finally:
         await pool.close()
         await listening.stopListening()
+
+
+# ------------------------------------------------- send(): no Deferred per request
+
+
+def send(pool: UpstreamPool, port: int, listener: Callable[[Any], None],
+         sink: Optional[Sink] = None, **kw: Any) -> Any:
+    headers = kw.pop("headers", [(b"Host", b"upstream")])
+    return pool.send(
+        listener, scheme="http", host="127.0.0.1", port=port, method=b"GET", target=b"/",
+        headers=headers, body=None, body_length=0, sink=sink if sink is not None else Sink(),
+        connect_timeout=5.0, write_timeout=5.0, read_timeout=5.0, **kw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_calls_the_listener_once_after_the_response(pool):
+    """``send`` reports success with ``listener(None)``, once, after
+    ``response_finished``; the connection is pooled as with ``request``."""
+    server = RawServer(reply(OK))
+    outcomes: List[Any] = []
+    sink = Sink()
+    send(pool, server.port, lambda reason: outcomes.append((reason, sink.finished)), sink)
+    await eventually(lambda: outcomes)
+    assert outcomes == [(None, True)] and sink.body == b"ok"
+    send(pool, server.port, outcomes.append)
+    await eventually(lambda: len(outcomes) == 2)
+    assert len(server.connections) == 1
+    await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_reports_failures_to_the_listener(pool):
+    """A refused connection is ``listener(failure)`` with UpstreamConnectError; a bad
+    request head fails at once, before ``send`` returns."""
+    from twisted.internet import reactor
+
+    listening = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+    port = listening.getHost().port
+    await listening.stopListening()
+    outcomes: List[Any] = []
+    send(pool, port, outcomes.append)
+    await eventually(lambda: outcomes)
+    assert outcomes[0].check(UpstreamConnectError)
+    send(pool, port, outcomes.append, headers=[(b"Host", b"x\r\nEvil: 1")])
+    assert len(outcomes) == 2 and outcomes[1].check(ValueError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelled_send_aborts_and_stays_silent(pool):
+    """``cancel()`` on what ``send`` returned aborts the upstream connection (never
+    pooled) and the listener is not called."""
+    server = RawServer(lambda conn, request: conn.transport.write(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npar"))
+    outcomes: List[Any] = []
+    sink = Sink()
+    exchange = send(pool, server.port, outcomes.append, sink)
+    await eventually(lambda: sink.status == 200)
+    exchange.cancel()
+    await server.connections[0].lost
+    await sleep(0.05)
+    assert outcomes == [] and not sink.finished
+    assert pool._idle.get(("http", "127.0.0.1", server.port, False, None), []) == []
+    await server.stop()

@@ -124,6 +124,11 @@ VALID = [
         False, 404, [(b"Content-Length", b"0")], b"", True, False,
     ),
     (
+        "a value keeps its inner whitespace and loses the outer",
+        b"HTTP/1.1 200 OK\r\nX-A: \t a \t b \t\r\nX-B:c\r\nContent-Length: 0\r\n\r\n",
+        False, 200, [(b"X-A", b"a \t b"), (b"X-B", b"c"), (b"Content-Length", b"0")], b"", True, False,
+    ),
+    (
         "empty header value and obs-text",
         b"HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Latin: caf\xe9\r\nContent-Length: 0\r\n\r\n",
         False, 200, [(b"X-Empty", b""), (b"X-Latin", b"caf\xe9"), (b"Content-Length", b"0")], b"", True, False,
@@ -237,6 +242,10 @@ INVALID = [
     ("header with empty name", b"HTTP/1.1 200 OK\r\n: v\r\n\r\n", http11.ERR_HEADER),
     ("NUL in header value", b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n", http11.ERR_HEADER),
     ("bare CR in header value", b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n", http11.ERR_HEADER),
+    ("bad Content-Length before a bad line", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nBad Line\r\n\r\n", http11.ERR_CONTENT_LENGTH),
+    ("bad line before a bad Content-Length", b"HTTP/1.1 200 OK\r\nBad Line\r\nContent-Length: x\r\n\r\n", http11.ERR_HEADER),
+    ("DEL in header name", b"HTTP/1.1 200 OK\r\nX\x7fA: b\r\nContent-Length: 0\r\n\r\n", http11.ERR_HEADER),
+    ("DEL in header value", b"HTTP/1.1 200 OK\r\nX-A: b\x7f\r\nContent-Length: 0\r\n\r\n", http11.ERR_HEADER),
     ("101 Switching Protocols", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", http11.ERR_SWITCHING_PROTOCOLS),
     ("body longer than Content-Length", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", http11.ERR_EXTRA_DATA),
     ("data after a 204", b"HTTP/1.1 204 No Content\r\n\r\nbody", http11.ERR_EXTRA_DATA),

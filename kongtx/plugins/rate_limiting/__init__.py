@@ -42,6 +42,10 @@ LOG_SYNC_RATE = "sync_rate {sync_rate} is not supported yet: counting synchronou
 HEADER_LIMIT = "X-RateLimit-Limit-%s"
 HEADER_REMAINING = "X-RateLimit-Remaining-%s"
 
+#: Counters kept per plugin for the current windows (then the cache starts over):
+#: a request of a known identifier builds no counter objects.
+MAX_CACHED_IDENTIFIERS = 10000
+
 _log = Logger(namespace="kongtx.plugins.rate-limiting")
 
 
@@ -139,6 +143,19 @@ class RateLimitingPlugin(BasePlugin):
         self._scope: Optional[str] = None
         sync_rate = config.get("sync_rate")
         self._warn_sync_rate = sync_rate is not None and sync_rate != -1
+        #: Per period, in ``limits`` order: its two header names and window length.
+        self._headers = [
+            (HEADER_LIMIT % ratelimit.header_period(p),
+             HEADER_REMAINING % ratelimit.header_period(p), ratelimit.EXPIRATION[p])
+            for p, _ in self.limits
+        ]
+        # The current windows: valid for lo <= now < hi; their starts and ends, and
+        # the counters of each identifier seen in them.
+        self._lo = 0.0
+        self._hi = -1.0
+        self._starts: List[int] = []
+        self._ends: List[int] = []
+        self._counters: Dict[str, List[policies.Counter]] = {}
 
     # -- what is counted -------------------------------------------------------------
 
@@ -174,6 +191,32 @@ class RateLimitingPlugin(BasePlugin):
 
     # -- phases -------------------------------------------------------------------------
 
+    def _windows(self, now: float) -> None:
+        """Compute the windows holding ``now`` (and forget the counters of the old ones)."""
+        starts = [ratelimit.window_start(p, now) for p, _ in self.limits]
+        ends = [ratelimit.window_end(p, now) for p, _ in self.limits]
+        self._starts = starts
+        self._ends = ends
+        self._lo = float(max(starts)) if starts else 0.0
+        self._hi = float(min(ends)) if ends else -1.0
+        self._counters = {}
+
+    def _counters_for(self, kong: Any, identifier: str, now: float) -> List[policies.Counter]:
+        if not self._lo <= now < self._hi:
+            self._windows(now)
+        cache = self._counters
+        counters = cache.get(identifier)
+        if counters is None:
+            if len(cache) >= MAX_CACHED_IDENTIFIERS:
+                cache.clear()
+            prefix = "%s:%s:" % (self._scope_of(kong), identifier)
+            counters = cache[identifier] = [
+                policies.Counter(prefix + period, start, ratelimit.EXPIRATION[period] + 86400,
+                                 limit)
+                for (period, limit), start in zip(self.limits, self._starts)
+            ]
+        return counters
+
     def access(self, kong: Any) -> Any:
         try:
             runtime = policies.runtime_for(kong.node.get_id())
@@ -186,20 +229,16 @@ class RateLimitingPlugin(BasePlugin):
         if identifier is None:
             return None
         now = runtime.reactor.seconds()
-        prefix = "%s:%s:" % (self._scope_of(kong), identifier)
-        counters = [
-            policies.Counter(prefix + period, ratelimit.window_start(period, now),
-                             ratelimit.EXPIRATION[period] + 86400, limit)
-            for period, limit in self.limits
-        ]
+        counters = self._counters_for(kong, identifier, now)
+        ends = self._ends
         try:
             result = policies.usage(runtime, self.policy, counters, self.config.get("redis"))
         except Exception as e:
             return self._failed(kong, runtime, e)
         if isinstance(result, tuple):
-            return self._decide(kong, now, result)
+            return self._decide(kong, now, ends, result)
         return result.addCallbacks(
-            lambda usage: self._decide(kong, now, usage),
+            lambda usage: self._decide(kong, now, ends, usage),
             lambda reason: self._failed(kong, runtime, reason.value),
         )
 
@@ -214,31 +253,35 @@ class RateLimitingPlugin(BasePlugin):
             return None
         return kong.response.exit(500, {"message": MSG_UNEXPECTED})
 
-    def _decide(self, kong: Any, now: float, usage: Tuple[bool, List[int]]) -> None:
+    def _decide(self, kong: Any, now: float, ends: List[int],
+                usage: Tuple[bool, List[int]]) -> None:
+        """Set the headers and refuse or not; ``ends``: the windows' ends (as ``limits``)."""
         allowed, values = usage
+        hide = self.hide
+        if hide and allowed:
+            return None
         reset = 1
-        if not self.hide or not allowed:
-            headers: Dict[str, Any] = {}
-            best: Optional[Tuple[int, int, int]] = None  # (remaining, -window, limit)
-            for (period, limit), value in zip(self.limits, values):
-                if not allowed and value <= limit:
-                    value -= 1  # this period did not refuse: show its usage as Kong does
-                remaining = max(0, limit - value)
-                window = ratelimit.EXPIRATION[period]
-                if best is None or (remaining, -window) < (best[0], best[1]):
-                    best = (remaining, -window, limit)
-                    reset = ratelimit.reset_seconds(period, now)
-                name = ratelimit.header_period(period)
-                headers[HEADER_LIMIT % name] = limit
-                headers[HEADER_REMAINING % name] = remaining
-            assert best is not None
-            headers["RateLimit-Limit"] = best[2]
-            headers["RateLimit-Remaining"] = best[0]
-            headers["RateLimit-Reset"] = reset
-            if not self.hide:
-                set_header = kong.response.set_header
-                for name, value in headers.items():
-                    set_header(name, value)
+        best_remaining = best_window = best_limit = 0
+        best_end = 0
+        first = True
+        set_header = kong.response.set_header
+        for (_, limit), (limit_name, remaining_name, window), value, end in zip(
+                self.limits, self._headers, values, ends):
+            if not allowed and value <= limit:
+                value -= 1  # this period did not refuse: show its usage as Kong does
+            remaining = limit - value if value < limit else 0
+            if first or (remaining, -window) < (best_remaining, -best_window):
+                first = False
+                best_remaining, best_window, best_limit, best_end = remaining, window, limit, end
+            if not hide:
+                set_header(limit_name, limit)
+                set_header(remaining_name, remaining)
+        if not first:
+            reset = max(1, int(math.ceil(best_end - now)))
+        if not hide:
+            set_header("RateLimit-Limit", best_limit)
+            set_header("RateLimit-Remaining", best_remaining)
+            set_header("RateLimit-Reset", reset)
         if not allowed:
             return kong.response.exit(self.error_code, {"message": self.error_message},
                                       {"Retry-After": reset})
