@@ -18,6 +18,7 @@ in-flight requests finish (``nginx_main_worker_shutdown_timeout``).
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -103,6 +104,21 @@ def last_known_config_path(config: Config) -> Optional[str]:
 def counters_path(config: Config) -> str:
     """The shared-memory file the workers' ``local`` rate-limiting counters live in."""
     return config.prefix_path("kongtx-counters.shm")
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive now (modules, the first snapshot, the plugin classes)
+    out of the garbage collector's sight before serving.
+
+    A full collection otherwise walks all of them: 30-40 ms on CPython, a p99
+    spike every time one runs; frozen, it takes under a millisecond. Done once:
+    a later snapshot freed with a cycle in it would never be collected if it
+    were frozen. PyPy's collector is incremental and has no ``gc.freeze``.
+    """
+    freeze = getattr(gc, "freeze", None)
+    if freeze is not None:
+        gc.collect()
+        freeze()
 
 
 class ServerStats:
@@ -454,6 +470,9 @@ class KongtxService(service.MultiService):
                 raise StartupError("nginx_worker_processes: %s" % (exc,))
         if self.before_serving is not None:
             await self.before_serving()
+        if self.role == "worker":
+            # Not for role "node": an embedding process's objects are not ours to freeze.
+            freeze_startup_objects()
         for port in self.ports:
             port.startReading()
         if self.role != "worker":

@@ -201,6 +201,14 @@ class RateLimitingPlugin(BasePlugin):
         self._hi = float(min(ends)) if ends else -1.0
         self._counters = {}
 
+    def _ttl(self, period: str) -> int:
+        """How long a counter is kept: the window's length for ``local`` (Kong's
+        shm expiry; a node's shared counter table then holds only live windows),
+        a day more in the shared stores."""
+        if self.policy == "local":
+            return ratelimit.EXPIRATION[period]
+        return ratelimit.EXPIRATION[period] + 86400
+
     def _counters_for(self, kong: Any, identifier: str, now: float) -> List[policies.Counter]:
         if not self._lo <= now < self._hi:
             self._windows(now)
@@ -211,7 +219,7 @@ class RateLimitingPlugin(BasePlugin):
                 cache.clear()
             prefix = "%s:%s:" % (self._scope_of(kong), identifier)
             counters = cache[identifier] = [
-                policies.Counter(prefix + period, start, ratelimit.EXPIRATION[period] + 86400,
+                policies.Counter(prefix + period, start, self._ttl(period),
                                  limit)
                 for (period, limit), start in zip(self.limits, self._starts)
             ]
