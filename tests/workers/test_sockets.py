@@ -84,3 +84,4 @@ def test_an_address_in_use_is_one_line() -> None:
     finally:
         sockets.close()
         taken.close()
+
