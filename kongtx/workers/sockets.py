@@ -84,6 +84,22 @@ class ListenerSockets:
         self.workers = workers
         return gone
 
+    def layout(self) -> Tuple[Tuple[ListenSpec, ...], int, Dict[Address, List[socket.socket]]]:
+        """What :meth:`restore` needs to undo the next :meth:`serve`."""
+        return self.specs, self.workers, {k: list(v) for k, v in self._sockets.items()}
+
+    def restore(self, layout: Tuple[Tuple[ListenSpec, ...], int,
+                                    Dict[Address, List[socket.socket]]]) -> List[socket.socket]:
+        """Go back to *layout* (a reload that failed); returns the sockets bound
+        since, for the caller to close once no process uses them."""
+        specs, workers, sockets = layout
+        kept = {id(sock) for group in sockets.values() for sock in group}
+        added = [sock for group in self._sockets.values() for sock in group
+                 if id(sock) not in kept]
+        self.specs, self.workers = specs, workers
+        self._sockets = {k: list(v) for k, v in sockets.items()}
+        return added
+
     def _bind(self, spec: ListenSpec, port: int) -> socket.socket:
         sock = socket.socket(_family(spec.host), socket.SOCK_STREAM)
         try:

@@ -507,6 +507,7 @@ class Supervisor:
 
         assert self.sockets is not None
         old_config = self.config
+        old_layout = self.sockets.layout()
         try:
             gone = self.sockets.serve(config.proxy_listen, config.worker_count)
         except ListenError as exc:
@@ -541,7 +542,10 @@ class Supervisor:
                       "did not start")
             self.config = old_config
             assert self.sockets is not None
-            added = self.sockets.serve(old_config.proxy_listen, old_config.worker_count)
+            # The old workers keep exactly the sockets they had (including those of
+            # addresses the new configuration dropped); the ones bound for the new
+            # workers close once those are gone.
+            added = self.sockets.restore(old_layout)
             self.workers = {w.slot: w for w in old_workers}
             self.generation += 1
             for worker in new_workers:

@@ -85,3 +85,25 @@ def test_an_address_in_use_is_one_line() -> None:
         sockets.close()
         taken.close()
 
+
+
+def test_a_failed_reload_restores_the_sockets_the_old_workers_have() -> None:
+    """A reload to three workers on another address that fails goes back to the
+    running layout: the old address's sockets are kept (the old workers accept on
+    them) and the ones bound for the new workers are handed back to close."""
+    old = parse_listen("proxy_listen", "127.0.0.1:0")
+    sockets = ListenerSockets()
+    try:
+        sockets.serve(old, 2)
+        before = [sockets.fds(0), sockets.fds(1)]
+        layout = sockets.layout()
+        gone = sockets.serve(parse_listen("proxy_listen", "127.0.0.2:0"), 3)
+        assert len(gone) == 2
+        added = sockets.restore(layout)
+        assert len(added) == 3
+        for sock in added:
+            sock.close()
+        assert [sockets.fds(0), sockets.fds(1)] == before
+        assert sockets.addresses()[0][0] == "127.0.0.1"
+    finally:
+        sockets.close()
