@@ -293,7 +293,10 @@ def serialize(kong: Any, *, now: float, wall: float) -> Dict[str, Any]:
 
 # -- JSON text ------------------------------------------------------------------------
 
-_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
+#: No circular-reference bookkeeping: a record is a tree :func:`serialize` builds
+#: (a cycle a plugin put in would fail with RecursionError instead of ValueError,
+#: and the log phase reports either). It saves ~0.9 us a record on PyPy.
+_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"), check_circular=False)
 
 #: Rows' JSON text by ``id(row)``, holding the row (so its id is not reused while
 #: cached). Rows come from the immutable configuration snapshot; a new
