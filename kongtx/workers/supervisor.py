@@ -432,13 +432,8 @@ class Supervisor:
             # The master's own rows: consistent with the events forwarded so far,
             # and there even while the database is unreachable.
             return self.snapshots.rows(args[0])
-        if op == "increment":
-            key, window_start, ttl, amount, limit = args
-            return self.store.increment(key, window_start, ttl, amount, limit)
-        d = defer.maybeDeferred(getattr(self.store, op), *args)
-        if op == "page":
-            d.addCallback(lambda result: list(result))
-        return d
+        # Results cross as JSON (a page's (rows, offset) tuple becomes a list).
+        return defer.maybeDeferred(getattr(self.store, op), *args)
 
     def settled(self) -> defer.Deferred:
         """Fires once every worker has applied every change sent so far (or after
