@@ -36,15 +36,20 @@ the handler never sees a CR.
 The parser is written for the hot path: it works on `bytes` with `find`,
 `split` and `translate`, keeps no per-line objects beyond the header tuples
 it hands over, and passes body bytes through without copying when a read
-falls entirely inside the body. The header section is checked and split by
-one regular expression (`_HEADER_LINE`, run in C); only a head it does not
-wholly accept goes through the line-by-line checks, which name the error.
+falls entirely inside the body. The header section is accepted or refused
+whole by the fastest check of the interpreter (`_split_headers`): on CPython
+one regular expression (`_HEADER_LINE`, run in C); on PyPy, whose regular
+expressions cost more than its JIT-compiled loops, one `translate` over the
+section and a split per line, with header names already seen looked up in a
+small cache. Only a head refused whole goes through the line-by-line checks,
+which name the error.
 """
 
 from __future__ import annotations
 
+import platform
 import re
-from typing import List, Optional, Protocol, Tuple
+from typing import Dict, List, Optional, Protocol, Tuple
 
 __all__ = [
     "MAX_HEAD_SIZE",
@@ -94,6 +99,12 @@ _HEADER_LINE = re.compile(
     rb"((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*\n",
     re.M,
 )
+#: The bytes a whole header section may hold once CRs are gone: field-value
+#: bytes (names and colons are among them) and LF.
+_SECTION = _FIELD_VALUE + b"\n"
+#: Header names found valid by `_split_headers_by_lines` (bounded).
+_VALID_NAMES: Dict[bytes, bool] = {}
+_MAX_VALID_NAMES = 1000
 _HEXDIGITS = b"0123456789abcdefABCDEF"
 _MAX_LENGTH_DIGITS = 18  # 10**18 bytes is far beyond any real body; keeps ints small
 
@@ -147,6 +158,37 @@ def _parse_length(value: bytes) -> int:
 def _tokens(value: bytes) -> List[bytes]:
     """Split a comma-separated header value into lower-cased tokens, dropping empty ones."""
     return [t for t in (p.strip(b" \t").lower() for p in value.split(b",")) if t]
+
+
+def _split_headers_by_regex(block: bytes, count: int) -> Optional[Headers]:
+    """The (name, value) pairs of a header section of *count* LF-terminated
+    lines, or None when a line is not valid. One C call on CPython."""
+    headers: Headers = _HEADER_LINE.findall(block)
+    return headers if len(headers) == count else None
+
+
+def _split_headers_by_lines(block: bytes, count: int) -> Optional[Headers]:
+    """The same as `_split_headers_by_regex`, for PyPy: a quarter of the
+    regular expression's time there (and twice its time on CPython)."""
+    if block.translate(None, _SECTION):
+        return None  # a control byte somewhere
+    headers: Headers = []
+    names = _VALID_NAMES
+    for line in block.split(b"\n")[:-1]:
+        c = line.find(b":")
+        name = line[:c]
+        if name not in names:
+            if c <= 0 or name.translate(None, _TCHAR):
+                return None
+            if len(names) >= _MAX_VALID_NAMES:
+                names.clear()
+            names[name] = True
+        headers.append((name, line[c + 1 :].strip(b" \t")))
+    return headers
+
+
+_split_headers = (_split_headers_by_lines if platform.python_implementation() == "PyPy"
+                  else _split_headers_by_regex)
 
 
 def _reject_header_lines(block: bytes) -> None:
@@ -402,9 +444,10 @@ class ResponseParser:
             raise ResponseParseError(ERR_STATUS_LINE)
         http11 = line[7] == 49
 
-        headers: Headers = _HEADER_LINE.findall(block)
-        if len(headers) != count:
+        headers = _split_headers(block, count)
+        if headers is None:
             _reject_header_lines(block)
+            return -1  # not reached: it raises
         length: Optional[int] = None
         chunked = False
         transfer_encoding: Optional[bytes] = None

@@ -154,9 +154,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "(started by the kongtx master process)\n")
         return 2
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from twisted.internet import default
+    try:
+        from kongtx.workers import reactor as worker_reactor
+    except ImportError:  # no epoll: Twisted's default reactor
+        from twisted.internet import default
 
-    default.install()
+        default.install()
+    else:
+        worker_reactor.install()
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 

@@ -10,6 +10,17 @@ from kongtx.proxy import http11
 from kongtx.proxy.http11 import ResponseParseError, ResponseParser
 
 
+@pytest.fixture(autouse=True, params=["regex", "lines"])
+def header_splitter(request, monkeypatch):
+    """Every test runs with both ways of splitting a header section (the parser
+    uses one per interpreter: the regular expression on CPython, the line
+    loop on PyPy), so both are held to every fact below on either."""
+    monkeypatch.setattr(http11, "_split_headers", {
+        "regex": http11._split_headers_by_regex,
+        "lines": http11._split_headers_by_lines}[request.param])
+    return request.param
+
+
 class Recorder:
     """A parser handler that records what it is told."""
 
