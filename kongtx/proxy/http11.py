@@ -160,6 +160,38 @@ def _tokens(value: bytes) -> List[bytes]:
     return [t for t in (p.strip(b" \t").lower() for p in value.split(b",")) if t]
 
 
+#: Status lines already parsed: (status, reason, HTTP/1.1?) by line. An
+#: upstream sends the same few over and over.
+_STATUS_LINES: Dict[bytes, Tuple[int, bytes, bool]] = {}
+_MAX_STATUS_LINES = 256
+
+
+def _status_line(line: bytes) -> Tuple[int, bytes, bool]:
+    """Parse and remember a status line: HTTP-version SP 3DIGIT SP reason-phrase;
+    the SP before an empty reason is tolerated missing (common in the wild,
+    unambiguous). Raises `ResponseParseError`."""
+    if (
+        len(line) < 12
+        or line[:7] != b"HTTP/1."
+        or line[7] not in (48, 49)
+        or line[8] != 32
+        or not line[9:12].isdigit()
+        or (len(line) > 12 and line[12] != 32)
+    ):
+        raise ResponseParseError(ERR_STATUS_LINE)
+    reason = line[13:]
+    if reason.translate(None, _FIELD_VALUE):
+        raise ResponseParseError(ERR_STATUS_LINE)
+    status = int(line[9:12])
+    if status < 100 or status > 599:
+        raise ResponseParseError(ERR_STATUS_LINE)
+    parsed = (status, reason, line[7] == 49)
+    if len(_STATUS_LINES) >= _MAX_STATUS_LINES:
+        _STATUS_LINES.clear()
+    _STATUS_LINES[line] = parsed
+    return parsed
+
+
 def _split_headers_by_regex(block: bytes, count: int) -> Optional[Headers]:
     """The (name, value) pairs of a header section of *count* LF-terminated
     lines, or None when a line is not valid. One C call on CPython."""
@@ -425,24 +457,10 @@ class ResponseParser:
         if count > MAX_HEADERS:
             raise ResponseParseError(ERR_TOO_MANY_HEADERS)
 
-        # HTTP-version SP 3DIGIT SP reason-phrase; the SP before an empty
-        # reason is tolerated missing (common in the wild, unambiguous).
-        if (
-            len(line) < 12
-            or line[:7] != b"HTTP/1."
-            or line[7] not in (48, 49)
-            or line[8] != 32
-            or not line[9:12].isdigit()
-            or (len(line) > 12 and line[12] != 32)
-        ):
-            raise ResponseParseError(ERR_STATUS_LINE)
-        reason = line[13:]
-        if reason.translate(None, _FIELD_VALUE):
-            raise ResponseParseError(ERR_STATUS_LINE)
-        status = int(line[9:12])
-        if status < 100 or status > 599:
-            raise ResponseParseError(ERR_STATUS_LINE)
-        http11 = line[7] == 49
+        parsed = _STATUS_LINES.get(line)
+        if parsed is None:
+            parsed = _status_line(line)
+        status, reason, http11 = parsed
 
         headers = _split_headers(block, count)
         if headers is None:
@@ -457,7 +475,11 @@ class ResponseParser:
             nl = len(name)
             if nl == 14:
                 if name.lower() == b"content-length":
-                    v = _parse_length(value)
+                    # bytes.isdigit() is true for ASCII digits only.
+                    if value.isdigit() and len(value) <= _MAX_LENGTH_DIGITS:
+                        v = int(value)
+                    else:
+                        v = _parse_length(value)
                     if length is not None and v != length:
                         raise ResponseParseError(ERR_CONFLICTING_LENGTH)
                     length = v
@@ -469,6 +491,13 @@ class ResponseParser:
                         transfer_encoding += b"," + value
             elif nl == 10:
                 if name.lower() == b"connection":
+                    lowered = value.lower()
+                    if lowered == b"keep-alive":
+                        keep_alive_token = True
+                        continue
+                    if lowered == b"close":
+                        close = True
+                        continue
                     for token in _tokens(value):
                         if token == b"close":
                             close = True
