@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 
@@ -289,6 +290,19 @@ class ProxyChannel(http.HTTPChannel):
         if address is None:
             address = self._local_address = http.HTTPChannel.getHost(self)
         return address
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """The response head as one ``bytes`` (twisted.web hands the transport a
+        list of four pieces per header, each checked and counted one by one)."""
+        if not isinstance(headers, Headers):
+            http.HTTPChannel.writeHeaders(self, version, code, reason, headers)
+            return
+        lines = [b"%s %s %s" % (version, code, reason)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(b"%s: %s" % (name, value))
+        lines.append(b"\r\n")
+        self.transport.write(b"\r\n".join(lines))
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         if self.site.draining:
