@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from random import getrandbits
-from typing import Any, Callable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -120,6 +120,33 @@ class ProxySettings:
         self.real_ip_recursive = bool(config.real_ip_recursive)
         self.error_default_type = responses.default_type(config.error_default_type)
         self.allow_debug_header = bool(config.allow_debug_header)
+
+
+# What response_started does with an upstream header, by name.
+_COPY, _CONNECTION, _HOP_BY_HOP, _CONTENT_LENGTH, _SERVER, _DATE = range(6)
+_NAME_KINDS = {b"connection": _CONNECTION, b"content-length": _CONTENT_LENGTH,
+               b"server": _SERVER, b"date": _DATE}
+
+#: (twisted.web's canonical name, kind) by upstream header name, as sent.
+_RESPONSE_NAMES: Dict[bytes, Tuple[bytes, int]] = {}
+_MAX_RESPONSE_NAMES = 1000
+
+
+def _response_name(name: bytes) -> Tuple[bytes, int]:
+    """Classify an upstream response header name and find the name twisted.web's
+    ``Headers`` stores it under (``content-type`` -> ``Content-Type``); both are
+    remembered, an upstream sends the same few names over and over."""
+    lower = name.lower()
+    kind = _NAME_KINDS.get(lower, _COPY)
+    if kind == _COPY and lower in HOP_BY_HOP:
+        kind = _HOP_BY_HOP
+    probe = Headers()
+    probe.addRawHeader(name, b"")
+    canonical = next(iter(probe.getAllRawHeaders()))[0]
+    if len(_RESPONSE_NAMES) >= _MAX_RESPONSE_NAMES:
+        _RESPONSE_NAMES.clear()
+    entry = _RESPONSE_NAMES[name] = (canonical, kind)
+    return entry
 
 
 def _ms(seconds: float) -> bytes:
@@ -412,38 +439,51 @@ class _Exchange:
         now = time.monotonic()
         settings = self.resource.settings
         request.setResponseCode(status, reason or None)
-        set_header = request.responseHeaders.addRawHeader
         responseHeaders = request.responseHeaders
-        responseHeaders.removeHeader(b"server")
+        # The upstream's headers go straight into the Headers' dict: the parser
+        # (kongtx.proxy.http11) already refused names that are not tokens and
+        # values with CR, LF or other controls, which is what addRawHeader checks.
+        raw = responseHeaders._rawHeaders
+        raw.pop(b"Server", None)
         has_server = False
         has_date = False
         small = request.method == b"HEAD" or status in (204, 304)
         connection_tokens = ()
+        names = _RESPONSE_NAMES
         for name, value in headers:
-            lower = name.lower()
-            if lower == b"connection":
-                connection_tokens = tuple(t.strip().lower() for t in value.split(b","))
-                continue
-            if lower in HOP_BY_HOP:
-                continue
-            if lower == b"content-length":
-                if request.method != b"HEAD":
-                    set_header(name, value)
-                    if len(value) <= _SMALL_BODY_DIGITS:
-                        small = True
-                continue
-            if lower == b"server":
-                has_server = True
-            elif lower == b"date":
-                has_date = True
-            set_header(name, value)
+            entry = names.get(name)
+            if entry is None:
+                entry = _response_name(name)
+            canonical, kind = entry
+            if kind:
+                if kind == _CONNECTION:
+                    connection_tokens = tuple(t.strip().lower() for t in value.split(b","))
+                    continue
+                if kind == _HOP_BY_HOP:
+                    continue
+                if kind == _CONTENT_LENGTH:
+                    if request.method != b"HEAD":
+                        if len(value) <= _SMALL_BODY_DIGITS:
+                            small = True
+                    else:
+                        continue
+                elif kind == _SERVER:
+                    has_server = True
+                else:  # _DATE
+                    has_date = True
+            values = raw.get(canonical)
+            if values is None:
+                raw[canonical] = [value]
+            else:
+                values.append(value)
         for token in connection_tokens:
             if token not in HOP_BY_HOP:  # those were never copied
                 responseHeaders.removeHeader(token)
+        set_header = responseHeaders.addRawHeader
         if not has_server and settings.server_header:
-            set_header(b"Server", _SERVER_TOKEN)
+            raw.setdefault(b"Server", []).append(_SERVER_TOKEN)
         if not has_date:
-            set_header(b"Date", _http_date())
+            raw.setdefault(b"Date", []).append(_http_date())
         if settings.via_header:
             set_header(b"Via", _VIA_TOKEN)
         if settings.upstream_latency:

@@ -218,3 +218,77 @@ async def test_malformed_requests_get_400_and_node_keeps_serving(node, client):
     assert raw == b"" or raw.startswith(b"HTTP/1.1 400")
     r = await client.request("GET", node.proxy + "/still-here")
     assert r.code == 404
+
+
+_CANNED = (b"HTTP/1.1 200 OK\r\n"
+           b"content-type: text/plain\r\n"
+           b"Set-Cookie: a=1\r\n"
+           b"set-cookie: b=2\r\n"
+           b"X-MiXeD-Case: kept\r\n"
+           b"Connection: keep-alive, X-Hop\r\n"
+           b"X-Hop: dropped\r\n"
+           b"Keep-Alive: timeout=5\r\n"
+           b"Server: canned\r\n"
+           b"Content-Length: 2\r\n\r\nok")
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_response_headers_on_the_wire(node, client):
+    """What the client reads, byte for byte in the head: the upstream's headers under
+    twisted.web's canonical names, repeated ones kept in order, ``Connection`` and the
+    headers it names and other hop-by-hop headers dropped, the upstream's ``Server``
+    kept, Kong's ``Via`` added, one ``Content-Length``."""
+    from twisted.internet import defer, protocol, reactor
+
+    class Canned(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.buffer = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            self.buffer += data
+            if b"\r\n\r\n" in self.buffer:
+                self.buffer = b""
+                self.transport.write(_CANNED)
+
+    port = reactor.listenTCP(0, protocol.Factory.forProtocol(Canned), interface="127.0.0.1")
+    try:
+        url = "http://127.0.0.1:%d" % port.getHost().port
+        r = await client.request("POST", node.admin + "/services", form={"name": "canned", "url": url})
+        assert r.code == 201, r.body
+        r = await client.request("POST", node.admin + "/services/canned/routes",
+                                 form={"paths[]": "/canned"})
+        assert r.code == 201, r.body
+
+        done: defer.Deferred = defer.Deferred()
+
+        class Raw(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.received = b""
+                self.transport.write(b"GET /canned HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+            def dataReceived(self, data: bytes) -> None:
+                self.received += data
+
+            def connectionLost(self, reason: object) -> None:
+                done.callback(self.received)
+
+        host, proxy_port = node.proxy.split("//")[1].split(":")
+        await protocol.ClientCreator(reactor, Raw).connectTCP(host, int(proxy_port))
+        raw = await done
+    finally:
+        await port.stopListening()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    names = [line.split(b":", 1)[0] for line in lines[1:]]
+    assert b"Content-Type: text/plain" in lines
+    assert [line for line in lines if line.startswith(b"Set-Cookie")] == [
+        b"Set-Cookie: a=1", b"Set-Cookie: b=2"]
+    assert b"X-Mixed-Case: kept" in lines
+    assert b"Server: canned" in lines
+    assert b"Via: 1.1 kong/%s" % KONG_VERSION.encode() in lines
+    assert names.count(b"Content-Length") == 1
+    for dropped in (b"X-Hop", b"Keep-Alive"):
+        assert dropped not in names
+    assert b"Connection: close" in lines
+    assert body == b"ok"
