@@ -33,12 +33,19 @@ route) are encoded once and spliced in.
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 from urllib.parse import unquote_plus
 
-__all__ = ["REDACTED", "note_upstream", "serialize", "key_names", "encode"]
+__all__ = ["REDACTED", "note_upstream", "serialize", "serialize_json", "key_names", "encode"]
 
 REDACTED = "REDACTED"
+_REDACTED_JSON = '"REDACTED"'
+
+#: Pieces of the record's JSON text.
+_LATENCIES = '{"kong":%d,"proxy":%d,"request":%d,"receive":%d}'
+_TRY = '{"ip":%s,"port":%d,"balancer_start":%d,"balancer_latency":0'
+_FAILED = ',"state":"failed"}'
 
 #: Request headers whose values are never logged (Kong's list).
 _SECRET_HEADERS = frozenset(("authorization", "proxy-authorization"))
@@ -138,34 +145,38 @@ def _body_size(request: Any) -> int:
     return size
 
 
-#: Header names as logged (decoded, lower-case), by raw name: most requests
-#: carry the same few names.
-_NAMES: Dict[bytes, str] = {}
+#: Header names as logged (decoded, lower-case) and as JSON object keys, by
+#: raw name: most requests carry the same few names.
+_NAMES: Dict[bytes, Tuple[str, str]] = {}
 _MAX_NAMES = 1000
 
 
-def _headers_and_size(pairs: Any, secret: FrozenSet[str] = _NO_NAMES) -> Tuple[Dict[str, Any], int]:
-    """The logged headers (values decoded; a list when repeated; secrets
-    redacted) and the bytes they took on the wire (``name: value\r\n`` each)."""
-    out: Dict[str, Any] = {}
+def _headers_json(pairs: Any, secret: FrozenSet[str] = _NO_NAMES) -> Tuple[str, int]:
+    """The logged headers as a JSON object (names lower-case, values decoded, a
+    list when repeated, secrets redacted) and the bytes they took on the wire
+    (``name: value\r\n`` each). *pairs* come from twisted.web's ``Headers``,
+    which holds each name once."""
+    out = []
     size = 0
     names = _NAMES
     for raw_name, raw_values in pairs:
-        name = names.get(raw_name)
-        if name is None:
+        entry = names.get(raw_name)
+        if entry is None:
             if len(names) >= _MAX_NAMES:
                 names.clear()
-            name = names[raw_name] = raw_name.decode("latin-1").lower()
+            name = raw_name.decode("latin-1").lower()
+            entry = names[raw_name] = (name, _quote(name) + ":")
+        name, key = entry
         n = len(raw_name) + 4
         for value in raw_values:
             size += n + len(value)
         if name in _SECRET_HEADERS or name in secret:
-            out[name] = REDACTED
+            out.append(key + _REDACTED_JSON)
         elif len(raw_values) == 1:
-            out[name] = raw_values[0].decode("latin-1")
+            out.append(key + _quote(raw_values[0].decode("latin-1")))
         else:
-            out[name] = [v.decode("latin-1") for v in raw_values]
-    return out, size
+            out.append(key + "[%s]" % ",".join([_quote(v.decode("latin-1")) for v in raw_values]))
+    return "{%s}" % ",".join(out), size
 
 
 def _querystring(raw: str, secret: FrozenSet[str]) -> Dict[str, Any]:
@@ -195,12 +206,15 @@ def _authenticated_entity(credential: Optional[Mapping[str, Any]]) -> Optional[D
     return entity
 
 
-def serialize(kong: Any, *, now: float, wall: float) -> Dict[str, Any]:
-    """Kong's log record of *kong*'s finished request.
+def serialize_json(kong: Any, *, now: float, wall: float) -> str:
+    """Kong's log record of *kong*'s finished request, as compact JSON text.
+
+    The text is written piece by piece rather than built as a dict and encoded
+    (the logging plugins' hot path); :func:`serialize` is its parsed value.
+    The route, service and consumer rows are encoded once per row object.
 
     :param now: ``time.monotonic()`` in the log phase (the response is finished).
     :param wall: ``time.time()`` at the same instant (for ``started_at``).
-    :returns: a dict ready for ``json.dumps``.
     """
     request = kong._request
     secret = key_names(kong)
@@ -220,74 +234,73 @@ def serialize(kong: Any, *, now: float, wall: float) -> Dict[str, Any]:
     if upstream is not None:
         started = upstream["started"]
         total = now - started
-        waiting = upstream["headers_at"] - upstream["sent_at"]
         receive = now - upstream["headers_at"]
         before = upstream["sent_at"] - started
-        latencies = {
-            "kong": _ms(before) + _ms(receive),
-            "proxy": _ms(waiting),
-            "request": _ms(total),
-            "receive": _ms(receive),
-        }
+        latencies = _LATENCIES % (_ms(before) + _ms(receive),
+                                  _ms(upstream["headers_at"] - upstream["sent_at"]),
+                                  _ms(total), _ms(receive))
         started_ms = int((wall - total) * 1000)
-        tries = []
-        for i in range(upstream["tries"]):
-            attempt: Dict[str, Any] = {
-                "ip": upstream["ip"],
-                "port": upstream["port"],
-                "balancer_start": started_ms + _ms(before),
-                "balancer_latency": 0,
-            }
-            if i + 1 < upstream["tries"]:
-                attempt["state"] = "failed"
-            tries.append(attempt)
-        source = "service"
+        attempt = _TRY % (_quote(upstream["ip"]), upstream["port"], started_ms + _ms(before))
+        count = upstream["tries"]
+        tries = "[%s]" % ",".join(
+            [attempt + _FAILED] * (count - 1) + [attempt + "}"]) if count else "[]"
+        source = '"service"'
     else:
-        latencies = {"kong": _ms(total), "proxy": -1, "request": _ms(total), "receive": 0}
+        latencies = _LATENCIES % (_ms(total), -1, _ms(total), 0)
         started_ms = int((wall - total) * 1000)
-        tries = []
-        source = "exit" if kong.exited is not None else "error"
-    request_headers, request_size = _headers_and_size(
+        tries = "[]"
+        source = '"exit"' if kong.exited is not None else '"error"'
+    request_headers, request_size = _headers_json(
         request.requestHeaders.getAllRawHeaders(), secret)
-    response_headers, response_size = _headers_and_size(
-        request.responseHeaders.getAllRawHeaders())
+    response_headers, response_size = _headers_json(
+        request.responseHeaders.getAllRawHeaders(), _NO_NAMES)
     method = request.method
-    record: Dict[str, Any] = {
-        "request": {
-            "id": kong.request_id,
-            "uri": uri,
-            "url": "%s://%s%s" % (kong.scheme, host, uri),
-            "querystring": _querystring(raw_query, secret) if raw_query else {},
-            "method": method.decode("ascii"),
-            "headers": request_headers,
-            "size": (len(method) + len(request.uri) + len(request.clientproto or b"") + 6
-                     + request_size + _body_size(request)),
-        },
-        "upstream_uri": _redact_uri(upstream["target"], secret) if upstream is not None else "",
-        "response": {
-            "status": request.code,
-            "headers": response_headers,
-            "size": (9 + 3 + 1 + len(request.code_message or b"") + 2 + response_size + 2
-                     + request.sentLength),
-        },
-        "latencies": latencies,
-        "tries": tries,
-        "route": kong.router.get_route(),
-        "service": kong.router.get_service(),
-        "client_ip": kong.client.get_forwarded_ip(),
-        "started_at": started_ms,
-        "source": source,
-    }
+    client_ip = kong.client.get_forwarded_ip()
+    parts = [
+        '{"request":{"id":', _quote(kong.request_id),
+        ',"uri":', _quote(uri),
+        ',"url":', _quote("%s://%s%s" % (kong.scheme, host, uri)),
+        ',"querystring":',
+        _ENCODER.encode(_querystring(raw_query, secret)) if raw_query else "{}",
+        ',"method":', _quote(method.decode("ascii")),
+        ',"headers":', request_headers,
+        ',"size":', str(len(method) + len(request.uri) + len(request.clientproto or b"") + 6
+                        + request_size + _body_size(request)),
+    ]
     tls = _tls(request)
     if tls is not None:
-        record["request"]["tls"] = tls
+        parts += (',"tls":', _ENCODER.encode(tls))
+    parts += (
+        '},"upstream_uri":',
+        _quote(_redact_uri(upstream["target"], secret)) if upstream is not None else '""',
+        ',"response":{"status":', str(request.code),
+        ',"headers":', response_headers,
+        ',"size":', str(9 + 3 + 1 + len(request.code_message or b"") + 2 + response_size + 2
+                        + request.sentLength),
+        '},"latencies":', latencies,
+        ',"tries":', tries,
+        ',"client_ip":', "null" if client_ip is None else _quote(client_ip),
+        ',"started_at":', str(started_ms),
+        ',"source":', source,
+    )
     if upstream is not None:
-        record["upstream_status"] = str(upstream["status"])
+        parts += (',"upstream_status":"', str(upstream["status"]), '"')
     entity = _authenticated_entity(kong.credential)
     if entity is not None:
-        record["authenticated_entity"] = entity
-    if kong.consumer is not None:
-        record["consumer"] = kong.consumer
+        parts += (',"authenticated_entity":', _ENCODER.encode(entity))
+    consumer = kong.consumer
+    if consumer is not None:
+        parts += (',"consumer":', _row_json(consumer))
+    parts += (',"route":', _row_json(kong.router.get_route()),
+              ',"service":', _row_json(kong.router.get_service()), "}")
+    return "".join(parts)
+
+
+def serialize(kong: Any, *, now: float, wall: float) -> Dict[str, Any]:
+    """Kong's log record of *kong*'s finished request, as a dict (the value of
+    :func:`serialize_json`'s text), for a plugin that changes it before
+    writing it out (:func:`encode` gives its text again)."""
+    record: Dict[str, Any] = json.loads(serialize_json(kong, now=now, wall=wall))
     return record
 
 

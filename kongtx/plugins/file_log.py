@@ -92,6 +92,5 @@ class FileLogPlugin(BasePlugin):
         serializer.note_upstream(kong, time.monotonic())
 
     def log(self, kong: Any) -> None:
-        record = serializer.serialize(kong, now=time.monotonic(), wall=time.time())
-        line = serializer.encode(record) + "\n"
+        line = serializer.serialize_json(kong, now=time.monotonic(), wall=time.time()) + "\n"
         _write(self._path, line.encode("utf-8"), self._reopen)

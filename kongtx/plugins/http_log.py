@@ -23,7 +23,6 @@ streaming, so the upstream pool tuned for proxying brings nothing here.
 from __future__ import annotations
 
 import base64
-import json
 import time
 from typing import Any, List, Optional
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -177,8 +176,7 @@ class HttpLogPlugin(BasePlugin):
         serializer.note_upstream(kong, time.monotonic())
 
     def log(self, kong: Any) -> None:
-        record = serializer.serialize(kong, now=time.monotonic(), wall=time.time())
-        self.queue().add(json.dumps(record, default=str, separators=(",", ":")))
+        self.queue().add(serializer.serialize_json(kong, now=time.monotonic(), wall=time.time()))
 
     async def _send(self, entries: List[str]) -> None:
         config = self.config

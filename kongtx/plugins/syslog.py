@@ -17,7 +17,6 @@ logged (once until a send succeeds again), never retried on the reactor.
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from typing import Any, Dict, Optional, Tuple, Union
@@ -163,6 +162,5 @@ class SyslogPlugin(BasePlugin):
         if severity > self._level:
             return
         wall = time.time()
-        record = serializer.serialize(kong, now=time.monotonic(), wall=wall)
-        body = json.dumps(record, default=str, separators=(",", ":"))
+        body = serializer.serialize_json(kong, now=time.monotonic(), wall=wall)
         _SENDER.send(SYSLOG_ADDRESS, format_message(self._facility, severity, body, wall))

@@ -233,3 +233,38 @@ def test_encode_follows_a_new_row() -> None:
     renamed = dict(ROUTE, name="renamed")
     assert json.loads(serializer.encode({"route": renamed, "service": SERVICE}))[
         "route"]["name"] == "renamed"
+
+
+@pytest.mark.parametrize("case", ["proxied", "retried", "exit", "error", "key-auth", "tls"])
+def test_json_text_is_compact_json_of_the_record(case: str) -> None:
+    """``serialize_json`` writes the record's text directly; it is exactly the compact
+    JSON (``ensure_ascii``) of the record it parses to, with route and service last,
+    whatever the request: proxied (once or with failed tries), answered by a plugin,
+    failed, authenticated with its key redacted, over TLS; non-ASCII and quotes in
+    header values are escaped as ``json.dumps`` escapes them."""
+    headers = [("Host", "example.com"), ("X-A", "1"), ("X-A", "2"),
+               ("X-Quote", 'say "hi" \\ caf\xe9'), ("apikey", "secret-key")]
+    request = FakeRequest(uri="/log/x?a=1&apikey=secret-key&b", headers=headers,
+                          body=b"body", secure=case == "tls")
+    if case == "tls":
+        request.channel = SimpleNamespace(transport=SimpleNamespace(getHandle=lambda: SimpleNamespace(
+            get_protocol_version_name=lambda: "TLSv1.3", get_cipher_name=lambda: "X")))
+    kong = _kong(request, key_auth=case == "key-auth")
+    if case in ("proxied", "retried", "key-auth", "tls"):
+        _proxied(request, tries=3 if case == "retried" else 1)
+        serializer.note_upstream(kong, 100.050)
+    elif case == "exit":
+        request.code = 401
+        kong.exited = (401, {"message": "Unauthorized"}, {})
+    if case == "key-auth":
+        kong.consumer = CONSUMER
+        kong.credential = CREDENTIAL
+    text = serializer.serialize_json(kong, now=100.080, wall=2000.0)
+    record = json.loads(text)
+    assert text == serializer.encode(record)
+    rest = {k: v for k, v in record.items() if k not in ("route", "service")}
+    assert text == json.dumps(dict(rest, route=ROUTE, service=SERVICE), separators=(",", ":"))
+    assert record == serializer.serialize(kong, now=100.080, wall=2000.0)
+    # (the fake request holds the value UTF-8 encoded; header bytes are logged as Latin-1)
+    assert record["request"]["headers"]["x-quote"] == 'say "hi" \\ caf\xe9'.encode().decode("latin-1")
+    assert ("secret-key" in text) is (case != "key-auth")
