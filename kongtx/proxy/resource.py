@@ -196,6 +196,14 @@ class ProxyRequest(server.Request):
 
     body_too_large = False
     _received = 0
+    #: twisted.web gives a response without Content-Type ``text/html``; a proxied
+    #: response keeps the upstream's headers as they are (kongtx's own answers
+    #: set theirs).
+    defaultContentType = None
+
+    def parseCookies(self) -> None:
+        """Cookies are forwarded verbatim, never read: twisted.web parses them for
+        every request."""
     #: The upstream exchange serving this request (cancelled if the client leaves).
     exchange: Optional["_Exchange"] = None
     #: The body being streamed upstream as it arrives (None: buffered body).

@@ -231,13 +231,16 @@ _CANNED = (b"HTTP/1.1 200 OK\r\n"
            b"Server: canned\r\n"
            b"Content-Length: 2\r\n\r\nok")
 
+_BARE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_response_headers_on_the_wire(node, client):
     """What the client reads, byte for byte in the head: the upstream's headers under
     twisted.web's canonical names, repeated ones kept in order, ``Connection`` and the
     headers it names and other hop-by-hop headers dropped, the upstream's ``Server``
-    kept, Kong's ``Via`` added, one ``Content-Length``."""
+    kept, Kong's ``Via`` added, one ``Content-Length``; no ``Content-Type`` added to an
+    answer that has none (twisted.web would add ``text/html``)."""
     from twisted.internet import defer, protocol, reactor
 
     class Canned(protocol.Protocol):
@@ -247,8 +250,9 @@ async def test_upstream_response_headers_on_the_wire(node, client):
         def dataReceived(self, data: bytes) -> None:
             self.buffer += data
             if b"\r\n\r\n" in self.buffer:
+                bare = self.buffer.startswith(b"GET /bare ")
                 self.buffer = b""
-                self.transport.write(_CANNED)
+                self.transport.write(_BARE if bare else _CANNED)
 
     port = reactor.listenTCP(0, protocol.Factory.forProtocol(Canned), interface="127.0.0.1")
     try:
@@ -259,24 +263,32 @@ async def test_upstream_response_headers_on_the_wire(node, client):
                                  form={"paths[]": "/canned"})
         assert r.code == 201, r.body
 
-        done: defer.Deferred = defer.Deferred()
-
-        class Raw(protocol.Protocol):
-            def connectionMade(self) -> None:
-                self.received = b""
-                self.transport.write(b"GET /canned HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-
-            def dataReceived(self, data: bytes) -> None:
-                self.received += data
-
-            def connectionLost(self, reason: object) -> None:
-                done.callback(self.received)
-
         host, proxy_port = node.proxy.split("//")[1].split(":")
-        await protocol.ClientCreator(reactor, Raw).connectTCP(host, int(proxy_port))
-        raw = await done
+
+        async def get(path: bytes) -> bytes:
+            done: defer.Deferred = defer.Deferred()
+
+            class Raw(protocol.Protocol):
+                def connectionMade(self) -> None:
+                    self.received = b""
+                    self.transport.write(b"GET %s HTTP/1.1\r\nHost: x\r\n"
+                                         b"Connection: close\r\n\r\n" % path)
+
+                def dataReceived(self, data: bytes) -> None:
+                    self.received += data
+
+                def connectionLost(self, reason: object) -> None:
+                    done.callback(self.received)
+
+            await protocol.ClientCreator(reactor, Raw).connectTCP(host, int(proxy_port))
+            return await done
+
+        raw = await get(b"/canned")
+        bare = await get(b"/canned/bare")
     finally:
         await port.stopListening()
+    # An upstream answer without Content-Type gets none added.
+    assert b"content-type" not in bare.partition(b"\r\n\r\n")[0].lower()
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     assert lines[0] == b"HTTP/1.1 200 OK"
