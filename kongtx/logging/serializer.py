@@ -3,7 +3,7 @@
 The logging plugins (syslog, file-log, http-log) call :func:`note_upstream` in
 their ``header_filter`` phase (the moment the upstream's response headers are
 known: what was sent upstream, when, and how many tries it took) and
-:func:`serialize` in their ``log`` phase. The record has Kong's shape::
+:func:`serialize_json` in their ``log`` phase. The record has Kong's shape::
 
     {"request": {"id", "uri", "url", "querystring", "method", "headers", "size", "tls"},
      "upstream_uri", "upstream_status",
@@ -25,9 +25,10 @@ Sizes are computed from what twisted.web holds: ``request.size`` is the request
 line, headers and body; ``response.size`` the status line, the headers kongtx
 set and the body bytes written (Twisted may add framing headers of its own).
 
-:func:`encode` turns a record into its JSON text for the logging plugins: the
-route and service rows (half of a record, and the same for every request on a
-route) are encoded once and spliced in.
+:func:`serialize_json` writes the record's compact JSON text directly (what the
+logging plugins send; the route, service and consumer rows, the same for every
+request on a route, are encoded once per row and spliced in); :func:`serialize` is
+its value as a dict, and :func:`encode` the text of such a dict.
 """
 
 from __future__ import annotations
