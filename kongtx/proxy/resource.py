@@ -323,14 +323,14 @@ class ProxyChannel(http.HTTPChannel):
     def getHost(self) -> Any:
         address = self._local_address
         if address is None:
-            address = self._local_address = http.HTTPChannel.getHost(self)
+            address = self._local_address = super().getHost()
         return address
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         """The response head as one ``bytes`` (twisted.web hands the transport a
         list of four pieces per header, each checked and counted one by one)."""
         if not isinstance(headers, Headers):
-            http.HTTPChannel.writeHeaders(self, version, code, reason, headers)
+            super().writeHeaders(version, code, reason, headers)
             return
         lines = [b"%s %s %s" % (version, code, reason)]
         for name, values in headers.getAllRawHeaders():
@@ -343,7 +343,9 @@ class ProxyChannel(http.HTTPChannel):
         if self.site.draining:
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
-        return bool(http.HTTPChannel.checkPersistence(self, request, version))
+        # super(), not http.HTTPChannel: twisted.web.http is a deprecation proxy
+        # module whose every attribute lookup costs a Python call.
+        return bool(super().checkPersistence(request, version))
 
 
 class ProxySite(server.Site):
