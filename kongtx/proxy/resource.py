@@ -209,8 +209,14 @@ class ProxyRequest(server.Request):
     #: The body being streamed upstream as it arrives (None: buffered body).
     stream: Optional[upstream.BodyStream] = None
 
+    #: Counted in the site's ``requests_in_flight`` (from routing to the end).
+    _in_flight = False
+
     def connectionLost(self, reason: failure.Failure) -> None:
         server.Request.connectionLost(self, reason)
+        if self._in_flight:
+            self._in_flight = False
+            self.channel.site.requests_in_flight -= 1
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
@@ -295,8 +301,17 @@ class ProxyRequest(server.Request):
         self.path = path.split(b"?", 1)[0]
         self.process()
 
+    def finish(self) -> None:
+        if self._in_flight:
+            self._in_flight = False
+            self.channel.site.requests_in_flight -= 1
+        server.Request.finish(self)
+
     def process(self) -> None:
         site = self.site = self.channel.site
+        if not self._in_flight:
+            self._in_flight = True
+            site.requests_in_flight += 1
         self.prepath = []
         self.postpath = []
         try:
@@ -369,6 +384,9 @@ class ProxySite(server.Site):
 
     connections_accepted = 0
     connections_active = 0
+    #: Requests being answered (``/status`` ``connections_writing``, as nginx
+    #: counts connections writing a response).
+    requests_in_flight = 0
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = server.Site.buildProtocol(self, addr)

@@ -304,3 +304,24 @@ async def test_upstream_response_headers_on_the_wire(node, client):
         assert dropped not in names
     assert b"Connection: close" in lines
     assert body == b"ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_counts_requests_being_answered(node, client, upstream):
+    """``/status`` ``connections_writing`` counts the requests being answered (one
+    while an upstream takes its time, none once it answered), and
+    ``connections_waiting`` the other open connections."""
+    from twisted.internet import defer, reactor, task
+
+    await _service_and_route(client, node, upstream)
+    slow = defer.ensureDeferred(client.request("GET", node.proxy + "/echo/delay/0.5"))
+    for _ in range(50):
+        await task.deferLater(reactor, 0.02, lambda: None)
+        server = (await client.request("GET", node.admin + "/status")).json()["server"]
+        if server["connections_writing"]:
+            break
+    assert server["connections_writing"] == 1
+    assert (await slow).code == 200
+    server = (await client.request("GET", node.admin + "/status")).json()["server"]
+    assert server["connections_writing"] == 0
+    assert server["connections_waiting"] == server["connections_active"]
