@@ -209,8 +209,10 @@ def _split_headers_by_lines(block: bytes, count: int) -> Optional[Headers]:
     for line in block.split(b"\n")[:-1]:
         c = line.find(b":")
         name = line[:c]
+        if c <= 0:
+            return None  # no colon (line[:-1] could be a known name)
         if name not in names:
-            if c <= 0 or name.translate(None, _TCHAR):
+            if name.translate(None, _TCHAR):
                 return None
             if len(names) >= _MAX_VALID_NAMES:
                 names.clear()

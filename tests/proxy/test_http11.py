@@ -251,6 +251,9 @@ INVALID = [
     ("whitespace before colon", b"HTTP/1.1 200 OK\r\nContent-Length : 0\r\n\r\n", http11.ERR_HEADER),
     ("header without colon", b"HTTP/1.1 200 OK\r\nNoColon\r\n\r\n", http11.ERR_HEADER),
     ("header with empty name", b"HTTP/1.1 200 OK\r\n: v\r\n\r\n", http11.ERR_HEADER),
+    # Without a colon, line[:-1] is "Server", a name the line splitter has just seen.
+    ("header without colon, a known name and one more byte",
+     b"HTTP/1.1 200 OK\r\nServer: a\r\nServerX\r\nContent-Length: 0\r\n\r\n", http11.ERR_HEADER),
     ("NUL in header value", b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n", http11.ERR_HEADER),
     ("bare CR in header value", b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 0\r\n\r\n", http11.ERR_HEADER),
     ("bad Content-Length before a bad line", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nBad Line\r\n\r\n", http11.ERR_CONTENT_LENGTH),
