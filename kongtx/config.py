@@ -527,6 +527,7 @@ PROPERTIES: Dict[str, Tuple[str, Parser]] = {
     "upstream_keepalive_idle_timeout": ("60", _bounded(0)),
     "allow_debug_header": ("off", _boolean),
     "nginx_http_client_max_body_size": ("128m", _size),
+    "nginx_http_client_header_timeout": ("60s", _nginx_time),
     "nginx_admin_client_max_body_size": ("10m", _size),
     "lua_max_req_headers": ("100", _bounded(1, 1000)),
     "client_max_header_size": ("32k", _positive_size),
@@ -598,6 +599,7 @@ class Config:
     upstream_keepalive_idle_timeout: int
     allow_debug_header: bool
     nginx_http_client_max_body_size: int
+    nginx_http_client_header_timeout: float
     nginx_admin_client_max_body_size: int
     lua_max_req_headers: int
     client_max_header_size: int

@@ -315,6 +315,7 @@ class KongtxService(service.MultiService):
             max_body_size=config.nginx_http_client_max_body_size,
             max_headers=config.lua_max_req_headers,
             max_header_size=config.client_max_header_size,
+            header_timeout=config.nginx_http_client_header_timeout,
         )
         self.logs.install_access_log(self.proxy_site, config.proxy_access_log)
         self.stats.sites = [self.proxy_site]

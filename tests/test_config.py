@@ -82,6 +82,7 @@ def test_defaults_match_kong_and_kongtx_choices(tmp_path):
     ) == (512, 10000, 60)
     assert c.allow_debug_header is False
     assert c.nginx_http_client_max_body_size == 128 * 1024 * 1024
+    assert c.nginx_http_client_header_timeout == 60.0
     assert c.nginx_admin_client_max_body_size == 10 * 1024 * 1024
     assert c.lua_max_req_headers == 100
     assert c.client_max_header_size == 32 * 1024
@@ -264,6 +265,7 @@ def test_integer_with_surrounding_whitespace_is_trimmed_in_file(tmp_path):
         ("lua_max_req_headers", "1001", "lua_max_req_headers: must be an integer between 1 and 1000, got '1001'"),
         ("upstream_keepalive_pool_size", "-1", "upstream_keepalive_pool_size: invalid integer '-1'"),
         ("nginx_worker_processes", "0", "nginx_worker_processes: must be 'auto' or a positive integer, got '0'"),
+        ("nginx_http_client_header_timeout", "1h2", "nginx_http_client_header_timeout: invalid time '1h2' (expected e.g. 10s, 500ms or 1m)"),
         ("nginx_main_worker_shutdown_timeout", "soon", "nginx_main_worker_shutdown_timeout: invalid time 'soon' (expected e.g. 10s, 500ms or 1m)"),
         ("log_level", "verbose", "log_level: invalid log level 'verbose' (expected debug, info, notice, warn, error, crit, alert or emerg)"),
         ("database", "x", "database: unknown database 'x' (expected sqlite, postgres or off)"),

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import failure
 from twisted.web import http, server
+from twisted.web.http import _ChunkedTransferDecoder, _IdentityTransferDecoder
 from twisted.web.http_headers import Headers
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
@@ -27,7 +28,7 @@ from kongtx import KONG_VERSION, pipeline, uri
 from kongtx.errors import reason_phrase
 from kongtx.pdk import Kong, Node
 from kongtx.proxy import client as upstream
-from kongtx.proxy import responses
+from kongtx.proxy import request_head, responses
 from kongtx.snapshot import ServiceSpec, SnapshotManager
 
 log = Logger()
@@ -140,12 +141,9 @@ def _response_name(name: bytes) -> Tuple[bytes, int]:
     kind = _NAME_KINDS.get(lower, _COPY)
     if kind == _COPY and lower in HOP_BY_HOP:
         kind = _HOP_BY_HOP
-    probe = Headers()
-    probe.addRawHeader(name, b"")
-    canonical = next(iter(probe.getAllRawHeaders()))[0]
     if len(_RESPONSE_NAMES) >= _MAX_RESPONSE_NAMES:
         _RESPONSE_NAMES.clear()
-    entry = _RESPONSE_NAMES[name] = (canonical, kind)
+    entry = _RESPONSE_NAMES[name] = (request_head.canonical_name(name), kind)
     return entry
 
 
@@ -329,17 +327,149 @@ class ProxyRequest(server.Request):
 
 
 class ProxyChannel(http.HTTPChannel):
-    """An ``HTTPChannel`` that asks the socket for its local address once per
-    connection instead of once per request (twisted.web's Request does), and
-    closes the connection after the current request while its site drains."""
+    """An ``HTTPChannel`` that reads each request head whole, asks the socket for
+    its local address once per connection instead of once per request
+    (twisted.web's Request does), and closes the connection after the current
+    request while its site drains.
+
+    twisted.web parses a head line by line; this channel waits for the empty
+    line that ends it and parses it in one go (``kongtx.proxy.request_head``),
+    answering a bad head as Kong does (``400 Bad request``, ``414 URI too
+    long``, ``400 Request header or cookie too large``) instead of a bare 400
+    or, for a line over 16 KiB, a silent close. A head must arrive whole within
+    ``header_timeout`` of its first byte (``408 Request timeout`` otherwise):
+    trickling bytes no longer keeps a connection open (twisted.web resets its
+    idle timer on every read). The body and
+    the pipelined requests that wait behind a request are still twisted.web's
+    (``rawDataReceived``).
+    """
 
     _local_address: Any = None
+    #: Seconds from a head's first bytes to its end (the site's ``header_timeout``).
+    header_timeout = 60.0
+    #: Fires when a head that started arriving has not ended in time.
+    _head_deadline: Any = None
 
     def getHost(self) -> Any:
         address = self._local_address
         if address is None:
             address = self._local_address = super().getHost()
         return address
+
+    def dataReceived(self, data: bytes) -> None:
+        """``LineReceiver.dataReceived`` with a whole head in place of a line
+        (same buffer, same guard against reentry: a request answered at once
+        replays the pipelined bytes through here)."""
+        self.resetTimeout()
+        if self._busyReceiving:
+            self._buffer += data
+            return
+        try:
+            self._busyReceiving = True
+            self._buffer += data
+            while self._buffer:
+                if self.line_mode:
+                    if not self._head_received():
+                        return
+                else:
+                    data = self._buffer
+                    self._buffer = b""
+                    self.rawDataReceived(data)
+        finally:
+            self._busyReceiving = False
+
+    def _head_received(self) -> bool:
+        """Take one request head off the buffer and start its request; False
+        when the head is not all here yet, or the connection is closing."""
+        buffer = self._buffer
+        if not self.persistent:
+            # The last request said close: what follows it is ignored.
+            self._buffer = b""
+            return False
+        while buffer[:2] == b"\r\n":
+            # Empty lines before a request line (some clients end a POST body
+            # with an extra CRLF); RFC 9112 2.2 says to ignore them.
+            buffer = buffer[2:]
+        end = buffer.find(b"\r\n\r\n")
+        limit = self.totalHeadersSize
+        if end < 0 or end + 4 > limit:
+            self._buffer = buffer
+            if len(buffer) > limit:
+                self._refuse_head(self._oversized(buffer[:limit]))
+                return False
+            if buffer and self._head_deadline is None and self.header_timeout:
+                self._head_deadline = self.callLater(self.header_timeout, self._head_timed_out)
+            return False
+        deadline = self._head_deadline
+        if deadline is not None:
+            self._head_deadline = None
+            if deadline.active():
+                deadline.cancel()
+        self._buffer = buffer[end + 4:]
+        try:
+            method, target, version, headers, length = request_head.parse_request_head(
+                buffer[:end], self.maxHeaders)
+        except request_head.BadRequestHead as refused:
+            self._refuse_head(refused)
+            return False
+        request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        self._command, self._path, self._version = method, target, version
+        request.requestHeaders._rawHeaders = headers
+        self.length = length
+        if length is None:
+            self._transferDecoder = _ChunkedTransferDecoder(
+                request.handleContentChunk, self._finishRequestBody)
+        elif length:
+            self._transferDecoder = _IdentityTransferDecoder(
+                length, request.handleContentChunk, self._finishRequestBody)
+        self.allHeadersReceived()
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
+        return not self.transport.disconnecting
+
+    @staticmethod
+    def _oversized(start: bytes) -> request_head.BadRequestHead:
+        """What a head over the size limit gets: 414 if the request line alone
+        fills it (nginx's answer), else 400 (nginx's 494, as Kong reports it)."""
+        if b"\r\n" not in start:
+            return request_head.BadRequestHead(414, responses.DEFAULT_MESSAGES[414])
+        return request_head.BadRequestHead(400, responses.HEADERS_TOO_LARGE)
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self.line_mode and self._buffer and not self.requests:
+            self._buffer = b""
+            self._refuse_head(request_head.BadRequestHead(408, responses.DEFAULT_MESSAGES[408]))
+
+    def _refuse_head(self, refused: request_head.BadRequestHead) -> None:
+        """Answer a refused head in Kong's shape (its status, its message, the
+        error type of kong.conf) and close the connection."""
+        self._buffer = b""
+        self.persistent = False
+        log.info("refused a request head from {peer}: {status} {message}",
+                 peer=self.transport.getPeer(), status=refused.status, message=refused.message)
+        resource = getattr(self.site, "resource", None)
+        if not isinstance(resource, GatewayResource):
+            self._respondToBadRequestAndDisconnect()
+            return
+        request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        request.method, request.uri, request.path = b"-", b"-", b"-"
+        request.clientproto = b"HTTP/1.1"
+        request.site = self.site
+        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        resource.respond_error(request, refused.status, refused.message, upstream_error=True)
+
+    def connectionLost(self, reason: failure.Failure) -> None:
+        deadline = self._head_deadline
+        if deadline is not None:
+            self._head_deadline = None
+            if deadline.active():
+                deadline.cancel()
+        super().connectionLost(reason)
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         """The response head as one ``bytes`` (twisted.web hands the transport a
@@ -371,11 +501,15 @@ class ProxySite(server.Site):
     displayTracebacks = False
 
     def __init__(self, resource: "GatewayResource", *, max_body_size: int,
-                 max_headers: int, max_header_size: int, **kwargs: Any) -> None:
+                 max_headers: int, max_header_size: int, header_timeout: float = 60.0,
+                 **kwargs: Any) -> None:
         server.Site.__init__(self, resource, **kwargs)
         self.max_body_size = max_body_size
         self.max_headers = max_headers
         self.max_header_size = max_header_size
+        #: Seconds a request head may take to arrive whole (nginx's
+        #: ``client_header_timeout``); 0: only the idle timeout.
+        self.header_timeout = header_timeout
 
         #: Open client connections (``kongtx.proxy.drain`` closes them gracefully).
         self.channels: Set[Any] = set()
@@ -393,6 +527,7 @@ class ProxySite(server.Site):
         channel.kongtx_peer = None
         channel.maxHeaders = self.max_headers
         channel.totalHeadersSize = self.max_header_size
+        channel.header_timeout = self.header_timeout
         self.connections_accepted += 1
         self.connections_active += 1
         channels = self.channels
