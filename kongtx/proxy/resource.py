@@ -81,6 +81,9 @@ _SMALL_BODY_DIGITS = 5
 #: streamed upstream as they arrive.
 STREAM_THRESHOLD = 64 * 1024
 
+#: twisted.web.http is a deprecation proxy module: look the base method up once.
+_http_request_write = http.Request.write
+
 _SERVER_TOKEN = ("kong/%s" % (KONG_VERSION,)).encode("ascii")
 _VIA_TOKEN = ("1.1 kong/%s" % (KONG_VERSION,)).encode("ascii")
 
@@ -202,6 +205,12 @@ class ProxyRequest(server.Request):
     def parseCookies(self) -> None:
         """Cookies are forwarded verbatim, never read: twisted.web parses them for
         every request."""
+
+    def write(self, data: bytes) -> None:
+        """``http.Request.write`` directly: ``server.Request.write`` only adds a
+        default Content-Type (none here, see above), response encoders (none
+        here) and the fake HEAD of ``render`` (not used)."""
+        _http_request_write(self, data)
     #: The upstream exchange serving this request (cancelled if the client leaves).
     exchange: Optional["_Exchange"] = None
     #: The body being streamed upstream as it arrives (None: buffered body).
@@ -345,15 +354,28 @@ class ProxyChannel(http.HTTPChannel):
     """
 
     _local_address: Any = None
+    _peer_address: Any = None
     #: Seconds from a head's first bytes to its end (the site's ``header_timeout``).
     header_timeout = 60.0
     #: Fires when a head that started arriving has not ended in time.
     _head_deadline: Any = None
+    #: The idle timer, kept for the connection's life: twisted.web's
+    #: ``TimeoutMixin`` cancels its timer when a request arrives and makes a new
+    #: one when it is answered, a ``DelayedCall`` per request.
+    _idle_call: Any = None
+    #: A request is being answered: the idle timer does not count.
+    _idle_paused = False
 
     def getHost(self) -> Any:
         address = self._local_address
         if address is None:
             address = self._local_address = super().getHost()
+        return address
+
+    def getPeer(self) -> Any:
+        address = self._peer_address
+        if address is None:
+            address = self._peer_address = super().getPeer()
         return address
 
     def dataReceived(self, data: bytes) -> None:
@@ -463,12 +485,41 @@ class ProxyChannel(http.HTTPChannel):
         request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         resource.respond_error(request, refused.status, refused.message, upstream_error=True)
 
+    def setTimeout(self, period: Optional[float]) -> Optional[float]:
+        """``TimeoutMixin.setTimeout`` with one timer: ``None`` (a request is being
+        answered) pauses it, a period restarts it."""
+        previous = self.timeOut
+        self.timeOut = period
+        if period is None:
+            self._idle_paused = True
+            return previous
+        self._idle_paused = False
+        call = self._idle_call
+        if call is not None:
+            call.reset(period)
+        else:
+            self._idle_call = self.callLater(period, self._idle_fired)
+        return previous
+
+    def resetTimeout(self) -> None:
+        call = self._idle_call
+        if call is not None and not self._idle_paused:
+            call.reset(self.timeOut)
+
+    def _idle_fired(self) -> None:
+        self._idle_call = None
+        if not self._idle_paused:
+            self.timeoutConnection()
+        # Paused: the request outlived the timeout; the timer is made anew when
+        # it is answered.
+
     def connectionLost(self, reason: failure.Failure) -> None:
-        deadline = self._head_deadline
-        if deadline is not None:
-            self._head_deadline = None
-            if deadline.active():
-                deadline.cancel()
+        for name in ("_head_deadline", "_idle_call"):
+            call = getattr(self, name)
+            if call is not None:
+                setattr(self, name, None)
+                if call.active():
+                    call.cancel()
         super().connectionLost(reason)
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
@@ -484,13 +535,30 @@ class ProxyChannel(http.HTTPChannel):
         lines.append(b"\r\n")
         self.transport.write(b"\r\n".join(lines))
 
+    def allHeadersReceived(self) -> None:
+        """twisted.web's, reading the headers' dict (canonical names) directly."""
+        request = self.requests[-1]
+        self.persistent = self.checkPersistence(request, self._version)
+        request.gotLength(self.length)
+        expect = request.requestHeaders._rawHeaders.get(b"Expect")
+        if expect and self._version == b"HTTP/1.1" and expect[0].lower() == b"100-continue":
+            self._send100Continue()
+
     def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """HTTP/1.1 keeps the connection unless the client's ``Connection`` lists
+        ``close`` (twisted.web splits it at spaces only), or the site drains."""
         if self.site.draining:
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
-        # super(), not http.HTTPChannel: twisted.web.http is a deprecation proxy
-        # module whose every attribute lookup costs a Python call.
-        return bool(super().checkPersistence(request, version))
+        if version != b"HTTP/1.1":
+            return False
+        connection = request.requestHeaders._rawHeaders.get(b"Connection")
+        if connection is not None and any(
+                token.strip().lower() == b"close"
+                for value in connection for token in value.split(b",")):
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
 
 
 class ProxySite(server.Site):
@@ -642,21 +710,22 @@ class _Exchange:
         for token in connection_tokens:
             if token not in HOP_BY_HOP:  # those were never copied
                 responseHeaders.removeHeader(token)
-        set_header = responseHeaders.addRawHeader
+        # Kong's own headers, under the names twisted.web would give them; added
+        # after any the upstream sent (as addRawHeader would).
         if not has_server and settings.server_header:
             raw.setdefault(b"Server", []).append(_SERVER_TOKEN)
         if not has_date:
             raw.setdefault(b"Date", []).append(_http_date())
         if settings.via_header:
-            set_header(b"Via", _VIA_TOKEN)
+            raw.setdefault(b"Via", []).append(_VIA_TOKEN)
         if settings.upstream_latency:
-            set_header(b"X-Kong-Upstream-Latency", _ms(now - self.sent_at))
+            raw.setdefault(b"X-Kong-Upstream-Latency", []).append(_ms(now - self.sent_at))
         if settings.proxy_latency:
-            set_header(b"X-Kong-Proxy-Latency", _ms(self.sent_at - self.started))
+            raw.setdefault(b"X-Kong-Proxy-Latency", []).append(_ms(self.sent_at - self.started))
         if settings.upstream_status:
-            set_header(b"X-Kong-Upstream-Status", b"%d" % (status,))
+            raw.setdefault(b"X-Kong-Upstream-Status", []).append(b"%d" % (status,))
         if settings.request_id:
-            set_header(b"X-Kong-Request-Id", self.request_id.encode("ascii"))
+            raw.setdefault(b"X-Kong-Request-Id", []).append(self.request_id.encode("ascii"))
         if self.kong is not None:
             pipeline.run_header_filter(self.kong)
         if not small:
