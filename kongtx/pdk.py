@@ -25,6 +25,8 @@ from urllib.parse import parse_qsl, urlencode
 
 from twisted.logger import Logger
 
+from kongtx.proxy.request_head import canonical_name
+
 __all__ = ["Kong"]
 
 JSON_TYPE = b"application/json; charset=utf-8"
@@ -50,6 +52,31 @@ def _encoded(name: str) -> Tuple[bytes, bytes]:
         raw = name.encode("latin-1")
         found = _NAMES[name] = (raw, raw.lower())
     return found
+
+
+#: Response header names plugins set, as twisted.web's ``Headers`` keys them
+#: (``x-ratelimit-limit-minute`` -> ``X-Ratelimit-Limit-Minute``).
+_RESPONSE_NAMES: Dict[str, bytes] = {}
+
+
+def _response_name(name: str) -> bytes:
+    """Raises ``InvalidHeaderName`` for a name that is not a token, as
+    ``Headers.setRawHeaders`` would."""
+    found = _RESPONSE_NAMES.get(name)
+    if found is None:
+        if len(_RESPONSE_NAMES) >= _MAX_NAMES:
+            _RESPONSE_NAMES.clear()
+        found = _RESPONSE_NAMES[name] = canonical_name(_encoded(name)[0])
+    return found
+
+
+def _response_value(value: Any) -> bytes:
+    """A plugin's header value as bytes, line breaks replaced by a space (as
+    ``Headers`` does: a value can never start a header of its own)."""
+    raw: bytes = str(value).encode("latin-1")
+    if b"\r" in raw or b"\n" in raw:
+        raw = b" ".join(raw.splitlines())
+    return raw
 
 
 class Request:
@@ -283,8 +310,8 @@ class Response:
         self.exited = (int(status), body, dict(headers or {}))
 
     def _op(self, op: str, name: str, value: Optional[Any]) -> None:
-        raw_name = _encoded(name)[0]
-        raw_value = None if value is None else str(value).encode("latin-1")
+        raw_name = _response_name(name)
+        raw_value = None if value is None else _response_value(value)
         if not self._applied:
             pending = self._pending
             if pending is None:
@@ -294,13 +321,19 @@ class Response:
         self._raw_op(op, raw_name, raw_value)
 
     def _raw_op(self, op: str, raw_name: bytes, raw_value: Optional[bytes]) -> None:
-        headers = self._request.responseHeaders
+        """Apply one change to the headers' dict (``raw_name`` canonical,
+        ``raw_value`` sanitised: what ``Headers`` would check is done)."""
+        headers = self._request.responseHeaders._rawHeaders
         if op == "set":
-            headers.setRawHeaders(raw_name, [raw_value])
+            headers[raw_name] = [raw_value]
         elif op == "add":
-            headers.addRawHeader(raw_name, raw_value)
+            values = headers.get(raw_name)
+            if values is None:
+                headers[raw_name] = [raw_value]
+            else:
+                values.append(raw_value)
         else:
-            headers.removeHeader(raw_name)
+            headers.pop(raw_name, None)
 
     def set_header(self, name: str, value: Any) -> None:
         self._op("set", name, value)

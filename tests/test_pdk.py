@@ -127,6 +127,30 @@ def test_response_header_changes_wait_for_the_response() -> None:
     assert kong.response.get_header("x-b") == "3"
 
 
+def test_response_headers_are_kept_as_headers_would_keep_them() -> None:
+    """Names in any case are one header under twisted.web's canonical name; a line
+    break in a value becomes a space (no header injection); a name that is not a
+    token is refused as ``Headers`` refuses it."""
+    from twisted.web.http_headers import InvalidHeaderName
+
+    request = FakeRequest()
+    request.responseHeaders.setRawHeaders(b"X-Upstream-Thing", [b"u"])
+    kong = make_kong(request)
+    kong.apply_response_headers()
+    kong.response.add_header("x-upstream-thing", "p")
+    kong.response.set_header("x-ratelimit-limit-minute", 5)
+    kong.response.add_header("X-Evil", "a\r\nSet-Cookie: b=c")
+    kong.response.clear_header("X-UPSTREAM-THING")
+    kong.response.add_header("x-upstream-thing", "again")
+    assert list(request.responseHeaders.getAllRawHeaders()) == [
+        (b"X-Ratelimit-Limit-Minute", [b"5"]),
+        (b"X-Evil", [b"a Set-Cookie: b=c"]),
+        (b"X-Upstream-Thing", [b"again"]),
+    ]
+    with pytest.raises(InvalidHeaderName):
+        kong.response.set_header("Bad Name", "x")
+
+
 def test_ctx_and_router_are_per_request() -> None:
     """``kong.ctx.shared`` is one dict per request; ``kong.router`` gives the rows."""
     first, second = make_kong(FakeRequest()), make_kong(FakeRequest())

@@ -286,9 +286,9 @@ def serialize_json(kong: Any, *, now: float, wall: float) -> str:
     )
     if upstream is not None:
         parts += (',"upstream_status":"', str(upstream["status"]), '"')
-    entity = _authenticated_entity(kong.credential)
-    if entity is not None:
-        parts += (',"authenticated_entity":', _ENCODER.encode(entity))
+    credential = kong.credential
+    if credential is not None:
+        parts += (',"authenticated_entity":', _cached_json(credential, _ENTITIES, _entity_json))
     consumer = kong.consumer
     if consumer is not None:
         parts += (',"consumer":', _row_json(consumer))
@@ -316,20 +316,29 @@ _ENCODER = json.JSONEncoder(default=str, separators=(",", ":"), check_circular=F
 #: cached). Rows come from the immutable configuration snapshot; a new
 #: configuration brings new rows, and the cache starts over when it is full.
 _ROWS: Dict[int, Tuple[Any, str]] = {}
+#: The same for credentials' ``authenticated_entity`` (credentials come from the
+#: entity cache, one row object per credential until it changes).
+_ENTITIES: Dict[int, Tuple[Any, str]] = {}
 _MAX_ROWS = 1000
 
 
-def _row_json(row: Any) -> str:
-    if row is None:
-        return "null"
-    found = _ROWS.get(id(row))
+def _cached_json(row: Any, cache: Dict[int, Tuple[Any, str]], encode: Any) -> str:
+    found = cache.get(id(row))
     if found is not None and found[0] is row:
         return found[1]
-    if len(_ROWS) >= _MAX_ROWS:
-        _ROWS.clear()
-    text = _ENCODER.encode(row)
-    _ROWS[id(row)] = (row, text)
+    if len(cache) >= _MAX_ROWS:
+        cache.clear()
+    text: str = encode(row)
+    cache[id(row)] = (row, text)
     return text
+
+
+def _row_json(row: Any) -> str:
+    return "null" if row is None else _cached_json(row, _ROWS, _ENCODER.encode)
+
+
+def _entity_json(credential: Mapping[str, Any]) -> str:
+    return _ENCODER.encode(_authenticated_entity(credential))
 
 
 def encode(record: Mapping[str, Any]) -> str:
