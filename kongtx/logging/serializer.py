@@ -146,10 +146,15 @@ def _body_size(request: Any) -> int:
     return size
 
 
-#: Header names as logged (decoded, lower-case) and as JSON object keys, by
-#: raw name: most requests carry the same few names.
-_NAMES: Dict[bytes, Tuple[str, str]] = {}
+#: By raw header name: the name as logged (decoded, lower-case), its JSON object
+#: key, the ``"key":"value"`` texts of the values seen first (None for a name
+#: always redacted) and the bytes of ``name: \r\n`` on the wire. Most requests
+#: carry the same few names, most of them with the same few values.
+_NAMES: Dict[bytes, Tuple[str, str, Optional[Dict[bytes, str]], int]] = {}
 _MAX_NAMES = 1000
+#: Values remembered per name (a request id or a date is new each time: the
+#: first ones fill the slots and the rest are encoded as they come).
+_MAX_VALUES = 32
 
 
 def _headers_json(pairs: Any, secret: FrozenSet[str] = _NO_NAMES) -> Tuple[str, int]:
@@ -166,15 +171,27 @@ def _headers_json(pairs: Any, secret: FrozenSet[str] = _NO_NAMES) -> Tuple[str, 
             if len(names) >= _MAX_NAMES:
                 names.clear()
             name = raw_name.decode("latin-1").lower()
-            entry = names[raw_name] = (name, _quote(name) + ":")
-        name, key = entry
-        n = len(raw_name) + 4
+            entry = names[raw_name] = (
+                name, _quote(name) + ":", None if name in _SECRET_HEADERS else {},
+                len(raw_name) + 4)
+        name, key, texts, n = entry
+        if len(raw_values) == 1:
+            value = raw_values[0]
+            size += n + len(value)
+            if texts is None or (secret and name in secret):
+                out.append(key + _REDACTED_JSON)
+                continue
+            text = texts.get(value)
+            if text is None:
+                text = key + _quote(value.decode("latin-1"))
+                if len(texts) < _MAX_VALUES:
+                    texts[value] = text
+            out.append(text)
+            continue
         for value in raw_values:
             size += n + len(value)
-        if name in _SECRET_HEADERS or name in secret:
+        if texts is None or (secret and name in secret):
             out.append(key + _REDACTED_JSON)
-        elif len(raw_values) == 1:
-            out.append(key + _quote(raw_values[0].decode("latin-1")))
         else:
             out.append(key + "[%s]" % ",".join([_quote(v.decode("latin-1")) for v in raw_values]))
     return "{%s}" % ",".join(out), size

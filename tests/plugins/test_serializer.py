@@ -171,6 +171,23 @@ def test_key_auth_key_is_redacted(uri: str, key_auth: bool, query: Dict[str, Any
         assert record["request"]["headers"]["apikey"] == "REDACTED"
 
 
+def test_remembered_header_values_never_outlive_their_meaning() -> None:
+    """Header texts are remembered per value: a key logged in the clear where
+    key-auth does not run is still redacted where it does, and values past the
+    remembered ones are logged as they are."""
+    plain = FakeRequest(headers=[("apikey", "s3cret"), ("X-Id", "0")])
+    assert serializer.serialize(_kong(plain), now=100.0, wall=1.0)["request"]["headers"] == {
+        "apikey": "s3cret", "x-id": "0"}
+    keyed = FakeRequest(headers=[("apikey", "s3cret")])
+    assert serializer.serialize(_kong(keyed, key_auth=True), now=100.0, wall=1.0)[
+        "request"]["headers"] == {"apikey": "REDACTED"}
+    for i in range(serializer._MAX_VALUES * 2):
+        request = FakeRequest(headers=[("X-Id", str(i)), ("X-Id", "again")])
+        request.requestHeaders.setRawHeaders(b"X-Single", [b"v%d" % i])
+        headers = serializer.serialize(_kong(request), now=100.0, wall=1.0)["request"]["headers"]
+        assert headers == {"x-id": [str(i), "again"], "x-single": "v%d" % i}
+
+
 def test_authenticated_consumer() -> None:
     """An authenticated request logs ``consumer`` and ``authenticated_entity``
     {id, consumer_id} (the credential's key itself is not logged)."""
