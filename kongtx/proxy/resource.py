@@ -201,6 +201,13 @@ class ProxyRequest(server.Request):
     #: response keeps the upstream's headers as they are (kongtx's own answers
     #: set theirs).
     defaultContentType = None
+    #: The upstream exchange serving this request (cancelled if the client leaves).
+    exchange: Optional["_Exchange"] = None
+    #: The body being streamed upstream as it arrives (None: buffered body).
+    stream: Optional[upstream.BodyStream] = None
+
+    #: Counted in the site's ``requests_in_flight`` (from routing to the end).
+    _in_flight = False
 
     def parseCookies(self) -> None:
         """Cookies are forwarded verbatim, never read: twisted.web parses them for
@@ -211,13 +218,6 @@ class ProxyRequest(server.Request):
         default Content-Type (none here, see above), response encoders (none
         here) and the fake HEAD of ``render`` (not used)."""
         _http_request_write(self, data)
-    #: The upstream exchange serving this request (cancelled if the client leaves).
-    exchange: Optional["_Exchange"] = None
-    #: The body being streamed upstream as it arrives (None: buffered body).
-    stream: Optional[upstream.BodyStream] = None
-
-    #: Counted in the site's ``requests_in_flight`` (from routing to the end).
-    _in_flight = False
 
     def connectionLost(self, reason: failure.Failure) -> None:
         server.Request.connectionLost(self, reason)
@@ -348,9 +348,8 @@ class ProxyChannel(http.HTTPChannel):
     or, for a line over 16 KiB, a silent close. A head must arrive whole within
     ``header_timeout`` of its first byte (``408 Request timeout`` otherwise):
     trickling bytes no longer keeps a connection open (twisted.web resets its
-    idle timer on every read). The body and
-    the pipelined requests that wait behind a request are still twisted.web's
-    (``rawDataReceived``).
+    idle timer on every read). The body and the pipelined requests that wait
+    behind a request are still twisted.web's (``rawDataReceived``).
     """
 
     _local_address: Any = None
@@ -472,7 +471,7 @@ class ProxyChannel(http.HTTPChannel):
         self._buffer = b""
         self.persistent = False
         log.info("refused a request head from {peer}: {status} {message}",
-                 peer=self.transport.getPeer(), status=refused.status, message=refused.message)
+                 peer=self.getPeer(), status=refused.status, message=refused.message)
         resource = getattr(self.site, "resource", None)
         if not isinstance(resource, GatewayResource):
             self._respondToBadRequestAndDisconnect()
