@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import heapq
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, TypeVar
 
 from twisted.internet import defer
@@ -89,17 +90,18 @@ class Counters:
     """Windowed counters in a dict, checked and added in one synchronous step.
 
     Used by :class:`MemoryStore` and by the rate-limiting ``local`` policy. A
-    counter expires ``ttl`` seconds after its window starts; expired counters
-    are swept every :attr:`SWEEP_EVERY` additions (the newest window start seen
-    stands for "now", so nothing is swept early).
+    counter expires ``ttl`` seconds after its window starts. Expired counters
+    are dropped when a newer window start is first seen (it stands for "now",
+    so nothing is dropped early), through an index of counters by expiry time:
+    the work is proportional to the counters that expired, not to all of them.
     """
-
-    SWEEP_EVERY = 1000
 
     def __init__(self) -> None:
         self.values: Dict[Tuple[str, int], List[int]] = {}
         self._latest = 0
-        self._since_sweep = 0
+        #: Counter keys by expiry time, and those times in a heap.
+        self._expiring: Dict[int, List[Tuple[str, int]]] = {}
+        self._expiries: List[int] = []
 
     def get(self, counter_key: str, window_start: int) -> int:
         """The counter's value (0 when absent)."""
@@ -117,22 +119,29 @@ class Counters:
         if limit is not None and value > limit:
             return value
         if found is None:
-            self.values[key] = [value, window_start + ttl]
-            self._maybe_sweep(window_start)
+            expires = window_start + ttl
+            self.values[key] = [value, expires]
+            keys = self._expiring.get(expires)
+            if keys is None:
+                self._expiring[expires] = [key]
+                heapq.heappush(self._expiries, expires)
+            else:
+                keys.append(key)
+            if window_start > self._latest:
+                self._latest = window_start
+                self._sweep()
         else:
             found[0] = value
         return value
 
-    def _maybe_sweep(self, window_start: int) -> None:
-        if window_start > self._latest:
-            self._latest = window_start
-        self._since_sweep += 1
-        if self._since_sweep < self.SWEEP_EVERY:
-            return
-        self._since_sweep = 0
+    def _sweep(self) -> None:
+        """Drop the counters that expired before the newest window start."""
+        expiries = self._expiries
         latest = self._latest
-        for key in [k for k, (_, expires) in self.values.items() if expires < latest]:
-            del self.values[key]
+        values = self.values
+        while expiries and expiries[0] < latest:
+            for key in self._expiring.pop(heapq.heappop(expiries)):
+                del values[key]
 
 
 class _Table:
