@@ -78,16 +78,26 @@ _ON_PYPY = platform.python_implementation() == "PyPy"
 #: 32 MB was faster still but its RSS kept growing (docs/performance.md).
 PYPY_NURSERY = "16MB"
 
+#: How much of the old generation one step of PyPy's incremental major collection
+#: marks, unless ``PYPY_GC_INCREMENT_STEP`` is set. PyPy's default is twice the
+#: nursery (32 MB here): single steps held a worker's reactor 35-52 ms, the p99 of
+#: the plugin benchmark. 4 MB steps pause under 10 ms; the steps' total time is
+#: the same (docs/performance.md).
+PYPY_INCREMENT_STEP = "4MB"
+
 
 def worker_environment(environ: Mapping[str, str], pypy: bool) -> Dict[str, str]:
     """A worker's environment: the master's, with this kongtx importable and, on
-    PyPy, :data:`PYPY_NURSERY` unless the operator chose a nursery size."""
+    PyPy, :data:`PYPY_NURSERY` and :data:`PYPY_INCREMENT_STEP` unless the operator
+    chose those GC settings."""
     env = dict(environ)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(kongtx.__file__)))
     env["PYTHONPATH"] = package_root + (
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if pypy and not env.get("PYPY_GC_NURSERY"):
         env["PYPY_GC_NURSERY"] = PYPY_NURSERY
+    if pypy and not env.get("PYPY_GC_INCREMENT_STEP"):
+        env["PYPY_GC_INCREMENT_STEP"] = PYPY_INCREMENT_STEP
     return env
 
 
