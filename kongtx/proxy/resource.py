@@ -222,8 +222,9 @@ class ProxyRequest(server.Request):
     def connectionLost(self, reason: failure.Failure) -> None:
         server.Request.connectionLost(self, reason)
         if self._in_flight:
+            # (twisted.web has just dropped self.channel; process() kept the site.)
             self._in_flight = False
-            self.channel.site.requests_in_flight -= 1
+            self.site.requests_in_flight -= 1
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None

@@ -325,3 +325,23 @@ async def test_status_counts_requests_being_answered(node, client, upstream):
     server = (await client.request("GET", node.admin + "/status")).json()["server"]
     assert server["connections_writing"] == 0
     assert server["connections_waiting"] == server["connections_active"]
+
+    # A client that leaves while the upstream takes its time is not counted any more.
+    from twisted.internet import protocol
+
+    port = int(node.proxy.rsplit(":", 1)[1])
+    leaver = await protocol.ClientCreator(reactor, protocol.Protocol).connectTCP(
+        "127.0.0.1", port)
+    leaver.transport.write(b"GET /echo/delay/2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(50):
+        await task.deferLater(reactor, 0.02, lambda: None)
+        if (await client.request("GET", node.admin + "/status")).json()["server"][
+                "connections_writing"]:
+            break
+    leaver.transport.loseConnection()
+    for _ in range(50):
+        await task.deferLater(reactor, 0.02, lambda: None)
+        server = (await client.request("GET", node.admin + "/status")).json()["server"]
+        if not server["connections_writing"]:
+            break
+    assert server["connections_writing"] == 0
