@@ -208,6 +208,19 @@ class ProxyRequest(server.Request):
 
     #: Counted in the site's ``requests_in_flight`` (from routing to the end).
     _in_flight = False
+    #: ``(function, argument)`` called once, when the response is finished or the
+    #: client has gone (``notifyFinish`` without a Deferred per request).
+    _when_done: Optional[Tuple[Callable[[Any], None], Any]] = None
+
+    def when_done(self, function: Callable[[Any], None], argument: Any) -> None:
+        """Call ``function(argument)`` once the request is over, either way."""
+        self._when_done = (function, argument)
+
+    def _done(self) -> None:
+        hook = self._when_done
+        if hook is not None:
+            self._when_done = None
+            hook[0](hook[1])
 
     def parseCookies(self) -> None:
         """Cookies are forwarded verbatim, never read: twisted.web parses them for
@@ -229,6 +242,7 @@ class ProxyRequest(server.Request):
         if exchange is not None:
             self.exchange = None
             exchange.cancel()
+        self._done()
 
     def gotLength(self, length: Optional[int]) -> None:
         """Headers are in: refuse an oversized body, or start streaming a large one."""
@@ -314,6 +328,7 @@ class ProxyRequest(server.Request):
             self._in_flight = False
             self.channel.site.requests_in_flight -= 1
         server.Request.finish(self)
+        self._done()
 
     def process(self) -> None:
         site = self.site = self.channel.site
@@ -885,7 +900,7 @@ class GatewayResource(ReverseProxyResource):
                     service_id=service.id, node=self.node,
                     real_ip_header=self.settings.real_ip_header, started=started)
         if chain.log or index.consumer_scoped:
-            request.notifyFinish().addBoth(self._run_log_phase, kong)
+            request.when_done(self._run_log_phase, kong)
         d = pipeline.run_access(kong)
         if d is None:
             return self._after_access(request, kong, match, route, service, path, raw_path,
@@ -916,7 +931,7 @@ class GatewayResource(ReverseProxyResource):
         return self._forward(request, match, route, service, path, raw_path, host,
                              peer, request_id, started, kong)
 
-    def _run_log_phase(self, _: Any, kong: Kong) -> None:
+    def _run_log_phase(self, kong: Kong) -> None:
         """The response is finished: run the log phase now.
 
         The response's bytes are in the transport's buffer and go out at the next

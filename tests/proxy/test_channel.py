@@ -116,3 +116,22 @@ def test_a_head_that_ends_in_time_cancels_its_deadline():
     assert len(resource.requests) == 1
     clock.advance(5.0)
     assert not channel.transport.disconnecting
+
+
+def test_when_done_runs_once_when_the_response_is_finished_or_the_client_leaves():
+    """``ProxyRequest.when_done`` (the log phase's hook): once after ``finish``, once
+    when the client leaves first, never twice."""
+    clock = task.Clock()
+    channel, resource = _connect(clock)
+    done: List[str] = []
+    channel.dataReceived(GET)
+    resource.requests[0].when_done(done.append, "first")
+    _answer(resource.requests[0])
+    assert done == ["first"]
+    channel.dataReceived(GET)
+    second = resource.requests[1]
+    second.when_done(done.append, "second")
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert done == ["first", "second"]
+    second._done()
+    assert done == ["first", "second"]

@@ -41,7 +41,7 @@ def test_log_phase_runs_when_the_response_is_finished() -> None:
     resource = GatewayResource(None, None, SimpleNamespace(), clock)  # type: ignore[arg-type]
     seen: List[str] = []
     for request_id in ("a", "boom", "b"):
-        resource._run_log_phase(None, finished(request_id, seen))
+        resource._run_log_phase(finished(request_id, seen))
         assert seen[-1] == request_id
     assert seen == ["a", "boom", "b"]
     assert clock.getDelayedCalls() == []
@@ -52,5 +52,5 @@ def test_no_log_plugins_nothing_runs() -> None:
     clock = task.Clock()
     resource = GatewayResource(None, None, SimpleNamespace(), clock)  # type: ignore[arg-type]
     kong = SimpleNamespace(request_id="x", chain=SimpleNamespace(log=()))
-    resource._run_log_phase(None, kong)
+    resource._run_log_phase(kong)
     assert clock.getDelayedCalls() == []
