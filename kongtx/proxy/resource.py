@@ -374,6 +374,9 @@ class ProxyChannel(http.HTTPChannel):
     header_timeout = 60.0
     #: Fires when a head that started arriving has not ended in time.
     _head_deadline: Any = None
+    #: How much of the buffer is known to hold no head end (a head that arrives
+    #: in many reads is searched once, not once per read).
+    _head_scanned = 0
     #: The idle timer, kept for the connection's life: twisted.web's
     #: ``TimeoutMixin`` cancels its timer when a request arrives and makes a new
     #: one when it is answered, a ``DelayedCall`` per request.
@@ -427,16 +430,20 @@ class ProxyChannel(http.HTTPChannel):
             # Empty lines before a request line (some clients end a POST body
             # with an extra CRLF); RFC 9112 2.2 says to ignore them.
             buffer = buffer[2:]
-        end = buffer.find(b"\r\n\r\n")
+            self._head_scanned = 0
+        scanned = self._head_scanned
+        end = buffer.find(b"\r\n\r\n", scanned - 3 if scanned > 3 else 0)
         limit = self.totalHeadersSize
         if end < 0 or end + 4 > limit:
             self._buffer = buffer
+            self._head_scanned = len(buffer)
             if len(buffer) > limit:
                 self._refuse_head(self._oversized(buffer[:limit]))
                 return False
             if buffer and self._head_deadline is None and self.header_timeout:
                 self._head_deadline = self.callLater(self.header_timeout, self._head_timed_out)
             return False
+        self._head_scanned = 0
         deadline = self._head_deadline
         if deadline is not None:
             self._head_deadline = None
@@ -485,6 +492,7 @@ class ProxyChannel(http.HTTPChannel):
         """Answer a refused head in Kong's shape (its status, its message, the
         error type of kong.conf) and close the connection."""
         self._buffer = b""
+        self._head_scanned = 0
         self.persistent = False
         log.info("refused a request head from {peer}: {status} {message}",
                  peer=self.getPeer(), status=refused.status, message=refused.message)

@@ -135,3 +135,19 @@ def test_when_done_runs_once_when_the_response_is_finished_or_the_client_leaves(
     assert done == ["first", "second"]
     second._done()
     assert done == ["first", "second"]
+
+
+def test_a_head_one_byte_at_a_time_then_a_pipelined_one_in_a_single_read():
+    """Bytes of a head that ends in a later read are searched once (the search
+    resumes where it stopped, across a CRLF CRLF split between reads); the next
+    head, whole in one read, is found as usual."""
+    clock = task.Clock()
+    channel, resource = _connect(clock)
+    head = b"GET /one HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 3000 + b"\r\n\r\n"
+    for i in range(len(head)):
+        channel.dataReceived(head[i:i + 1])
+    assert [r.uri for r in resource.requests] == [b"/one"]
+    assert resource.requests[0].requestHeaders.getRawHeaders(b"x-long") == [b"v" * 3000]
+    _answer(resource.requests[0])
+    channel.dataReceived(b"\r\nGET /two HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert [r.uri for r in resource.requests] == [b"/one", b"/two"]
